@@ -10,6 +10,7 @@ _MODULES = [
     "ipshield.protect.zeroshot",
     "ipshield.protect.coop",
     "ipshield.protect.ipclip",
+    "ipshield.protect.ntl_prompt",
     "ipshield.protect.map",
     "ipshield.protect.ntl",
     "ipshield.protect.cuti",

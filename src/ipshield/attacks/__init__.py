@@ -1,0 +1,1 @@
+"""Attacks: on domain restriction (``ipshield.attacks.domain``) and on embedding watermarks (``ipshield.attacks.watermark``)."""

@@ -1,0 +1,1 @@
+"""Benchmarks that compare the protections on real data (digits)."""

@@ -1,0 +1,333 @@
+"""Digits benchmark of the classifier protections: MAP (SA, SF, DF), NTL and CUTI-domain on the
+real MNIST, USPS and MNIST-M domains (32 px RGB), every ordered pair, plus the cost-to-break
+table of the domain attacks (fine-tuning with k labels, SHOT-style adaptation).
+
+Output folder::
+
+    run.json, config.yaml           the benchmark config and seed
+    sources/<domain>/               source classifier per authorized domain (trained once, reused)
+    pseudo/<domain>.safetensors     pseudo-source images synthesised from that source model (SF/DF)
+    models/<cell>/                  run folder of every protection (protected model + metrics.json)
+    cells/<cell>.json               the result of every finished cell (a rerun skips it)
+    results.csv, results.md         accuracy before/after, Drop_a, Drop_u, ST-D per method and pair
+    attacks.csv, attacks.md         unauthorized accuracy recovered by each attack (cost to break)
+
+DF-MAP never sees unauthorized data: it is trained once per source domain and evaluated on every
+unauthorized domain. Sizes ([ours]): source backbones trained from scratch (no pretrained
+weights), balanced subsets of ``n_train`` training and ``n_test`` test images per domain.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from ipshield.config import BaseConfig
+from ipshield.errors import ConfigError
+from ipshield.runs import write_json
+
+DOMAINS = ("mnist", "usps", "mnistm")
+ALL_PAIRS = tuple((a, b) for a in DOMAINS for b in DOMAINS if a != b)
+ALL_METHODS = ("sa-map", "sf-map", "df-map", "ntl", "cuti")
+
+
+class DigitsBenchConfig(BaseConfig):
+    pairs: list[tuple[str, str]] = list(ALL_PAIRS)
+    methods: list[str] = list(ALL_METHODS)
+    seed: int = 0
+    arch: str = "vgg_small"
+    n_train: int = 3000
+    n_test: int = 1000
+    source_epochs: int = 5
+    #: optimisation steps of every protection (mask steps for MAP, fine-tuning steps for NTL/CUTI)
+    steps: int = 300
+    #: pseudo-source generator steps and pool size (SF/DF-MAP)
+    gen_steps: int = 300
+    n_pseudo: int = 2000
+    #: attacks
+    attacks: bool = True
+    ks: list[int] = [10, 100, 1000]
+    attack_steps: int = 100
+    shot_steps: int = 150
+    #: also attack the unprotected source model (the reference for the cost to break)
+    attack_source: bool = True
+    #: extra config overrides per method, e.g. {"sa-map": {"kl_cap": 8}}
+    method_options: dict[str, dict[str, Any]] = {}
+
+    @classmethod
+    def smoke(cls, **kw: Any) -> "DigitsBenchConfig":
+        base = dict(pairs=[("mnist", "usps")], n_train=300, n_test=200, source_epochs=2, steps=30, gen_steps=30,
+                    n_pseudo=128, ks=[10, 100], attack_steps=10, shot_steps=10)
+        base.update(kw)
+        return cls.build(base)
+
+
+def parse_pairs(text: str | None) -> list[tuple[str, str]] | None:
+    """``"mnist:usps,usps:mnistm"`` (``>`` also accepted) -> [("mnist", "usps"), ...]."""
+    if not text:
+        return None
+    out = []
+    for item in text.split(","):
+        item = item.strip().replace(">", ":")
+        if not item:
+            continue
+        parts = [p.strip().lower() for p in item.split(":")]
+        if len(parts) != 2 or parts[0] == parts[1] or any(p not in DOMAINS for p in parts):
+            raise ConfigError(f"bad pair '{item}'", f"write pairs as authorized:unauthorized with domains from {', '.join(DOMAINS)}")
+        out.append((parts[0], parts[1]))
+    return out
+
+
+def _fmt(v: Any, nd: int = 1) -> str:
+    if v is None:
+        return "n/a"
+    if isinstance(v, float):
+        return f"{v:.{nd}f}"
+    return str(v)
+
+
+def _markdown(rows: list[dict], columns: list[tuple[str, str, int]]) -> str:
+    head = "| " + " | ".join(c[1] for c in columns) + " |"
+    sep = "|" + "|".join("---" for _ in columns) + "|"
+    body = ["| " + " | ".join(_fmt(r.get(c[0]), c[2]) for c in columns) + " |" for r in rows]
+    return "\n".join([head, sep, *body]) + "\n"
+
+
+def _write_csv(path: Path, rows: list[dict], columns: list[str]) -> None:
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=columns, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in columns})
+
+
+RESULT_COLUMNS = [
+    ("method", "method", 0), ("authorized", "authorized", 0), ("unauthorized", "unauthorized", 0),
+    ("acc_a_before", "Acc_a before", 1), ("acc_a_after", "Acc_a after", 1), ("acc_u_before", "Acc_u before", 1),
+    ("acc_u_after", "Acc_u after", 1), ("drop_a", "Drop_a", 1), ("drop_u", "Drop_u", 1), ("st_d", "ST-D", 4),
+    ("sparsity", "pruned %", 1), ("seconds", "s", 0), ("seed", "seed", 0),
+]
+ATTACK_COLUMNS_BASE = [("method", "method", 0), ("authorized", "authorized", 0), ("unauthorized", "unauthorized", 0),
+                       ("acc_u_source", "Acc_u source", 1), ("acc_u_protected", "Acc_u protected", 1)]
+
+
+class DigitsBench:
+    def __init__(self, out: str | Path, config: DigitsBenchConfig, root: str | Path | None = None,
+                 log: Callable[[str], None] = print):
+        self.out = Path(out)
+        self.cfg = config
+        self.root = root
+        self.log = log
+        for m in config.methods:
+            if m not in ALL_METHODS:
+                raise ConfigError(f"unknown benchmark method '{m}'", f"choose among {', '.join(ALL_METHODS)}")
+        self.computed: list[str] = []  # cells computed in this call (the rest were reused)
+        self._domains = None
+        self._sources: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ data and sources
+    @property
+    def domains(self):
+        if self._domains is None:
+            from ipshield.data.digits import load_digits
+
+            needed = sorted({d for p in self.cfg.pairs for d in p}, key=DOMAINS.index)
+            self._domains = load_digits(tuple(needed), root=self.root, size=32)
+        return self._domains
+
+    def source(self, name: str):
+        from ipshield.models.classifiers import SourceTrainConfig, load_classifier, train_source
+
+        if name in self._sources:
+            return self._sources[name]
+        folder = self.out / "sources" / name
+        if (folder / "classifier.json").is_file():
+            model = load_classifier(folder)
+        else:
+            t0 = time.time()
+            cfg = SourceTrainConfig.build({"arch": self.cfg.arch, "epochs": self.cfg.source_epochs, "n_train": self.cfg.n_train,
+                                           "seed": self.cfg.seed})
+            model = train_source(self.cfg.arch, self.domains[name], config=cfg, out=folder)
+            self.log(f"source {name}: test accuracy {model.train_info['test_accuracy']:.1f}% ({time.time() - t0:.0f}s)")
+            self.computed.append(f"source:{name}")
+        self._sources[name] = model
+        return model
+
+    def pseudo_source(self, name: str):
+        import torch
+
+        from ipshield.protect.map import synthesize_pseudo_source
+        from ipshield.runs import load_tensors
+
+        path = self.out / "pseudo" / f"{name}.safetensors"
+        if path.is_file():
+            t = load_tensors(path)
+            return t["images"], t["labels"]
+        from safetensors.torch import save_file
+
+        cfg = self.method_config("sf-map")
+        x, y, info = synthesize_pseudo_source(self.source(name), len(self.domains[name].classes), cfg)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({"images": x.contiguous(), "labels": y.to(torch.int64).contiguous()}, str(path),
+                  metadata={"source_agreement": str(info["source_agreement"]), "seconds": str(info["seconds"])})
+        self.log(f"pseudo-source {name}: {len(x)} images, source model agrees on {info['source_agreement']:.1f}% ({info['seconds']:.0f}s)")
+        self.computed.append(f"pseudo:{name}")
+        return x, y
+
+    def method_config(self, method: str):
+        from ipshield.registry import METHODS
+
+        c = self.cfg
+        data: dict[str, Any] = {"seed": c.seed, "n_train": c.n_train, "n_test": c.n_test, "steps": c.steps}
+        if method.endswith("map"):
+            data.update({"gen_steps": c.gen_steps, "n_pseudo": c.n_pseudo})
+        data.update(c.method_options.get(method, {}))
+        return METHODS.get(method).make_config(data)
+
+    # ------------------------------------------------------------------ cells
+    def _cell(self, key: str, fn: Callable[[], dict]) -> dict:
+        path = self.out / "cells" / f"{key}.json"
+        if path.is_file():
+            return json.loads(path.read_text())
+        t0 = time.time()
+        result = fn()
+        result["seconds"] = round(time.time() - t0, 1)
+        result["seed"] = self.cfg.seed
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, result)
+        self.computed.append(key)
+        return result
+
+    def protect_cell(self, method: str, src: str, tgt: str) -> dict:
+        from ipshield.registry import METHODS
+
+        targets = [tgt]
+        key = f"{method}__{src}__{tgt}"
+        if method == "df-map":  # no unauthorized data: one run per source, evaluated on every target
+            targets = sorted({b for a, b in self.cfg.pairs if a == src}, key=DOMAINS.index)
+            key = f"{method}__{src}__{'+'.join(targets)}"
+
+        def compute() -> dict:
+            spec = METHODS.get(method)
+            cfg = self.method_config(method)
+            kw = {}
+            if method in ("sf-map", "df-map"):
+                kw["pseudo_source"] = self.pseudo_source(src)
+            metrics = spec.run(cfg, self.source(src), self.domains[src], [self.domains[t] for t in targets],
+                               self.out / "models" / key, **kw)
+            metrics.pop("history", None)
+            return {"cell": key, "model_dir": str(Path("models") / key), **metrics}
+
+        result = self._cell(key, compute)
+        s = result["summary"]
+        row = {
+            "method": method, "authorized": src, "unauthorized": tgt,
+            "acc_a_before": s["acc_a_before"], "acc_a_after": s["acc_a_after"],
+            "acc_u_before": s["acc_u_before"][tgt], "acc_u_after": s["acc_u_after"][tgt],
+            "drop_a": s["drop_a"], "drop_u": s["drop_u"][tgt], "st_d": s["st_d_per_domain"][tgt],
+            "sparsity": (result.get("sparsity") or {}).get("overall"), "seconds": result.get("seconds"), "seed": result.get("seed"),
+            "model_dir": result["model_dir"],
+        }
+        if row["sparsity"] is not None:
+            row["sparsity"] = 100.0 * row["sparsity"]
+        return row
+
+    def attack_cell(self, method: str, src: str, tgt: str, model_dir: str | None, acc_u_source: float, acc_u_protected: float) -> dict:
+        from ipshield.attacks.domain import cost_to_break
+        from ipshield.models.classifiers import load_classifier
+
+        key = f"attack__{method}__{src}__{tgt}"
+
+        def compute() -> dict:
+            model = self.source(src) if model_dir is None else load_classifier(self.out / model_dir)
+            r = cost_to_break(model, self.domains[tgt], tuple(self.cfg.ks), shot=True, seed=self.cfg.seed, n_test=self.cfg.n_test,
+                              finetune={"steps": self.cfg.attack_steps}, shot_options={"steps": self.cfg.shot_steps})
+            return {"cell": key, **r}
+
+        r = self._cell(key, compute)
+        row = {"method": method, "authorized": src, "unauthorized": tgt, "acc_u_source": acc_u_source,
+               "acc_u_protected": acc_u_protected, "seconds": r.get("seconds"), "seed": r.get("seed")}
+        for k in self.cfg.ks:
+            row[f"finetune_k{k}"] = r.get(f"finetune_k{k}")
+        row["shot"] = r.get("shot")
+        return row
+
+    # ------------------------------------------------------------------ the whole benchmark
+    def run(self) -> dict[str, Any]:
+        from ipshield.runs import RunDir
+
+        t0 = time.time()
+        run = RunDir(self.out, kind="bench-digits", config=self.cfg, seed=self.cfg.seed)
+        rows, attack_rows = [], []
+        for src, tgt in self.cfg.pairs:
+            for method in self.cfg.methods:
+                row = self.protect_cell(method, src, tgt)
+                rows.append(row)
+                self.log(f"{method} {src}->{tgt}: Acc_a {row['acc_a_before']:.1f}->{row['acc_a_after']:.1f}, "
+                         f"Acc_u {row['acc_u_before']:.1f}->{row['acc_u_after']:.1f}")
+        if self.cfg.attacks:
+            for src, tgt in self.cfg.pairs:
+                pair_rows = [r for r in rows if r["authorized"] == src and r["unauthorized"] == tgt]
+                if self.cfg.attack_source and pair_rows:
+                    before = pair_rows[0]["acc_u_before"]
+                    attack_rows.append(self.attack_cell("source (unprotected)", src, tgt, None, before, before))
+                for r in pair_rows:
+                    attack_rows.append(self.attack_cell(r["method"], src, tgt, r["model_dir"], r["acc_u_before"], r["acc_u_after"]))
+                    self.log(f"attacks on {r['method']} {src}->{tgt}: " + ", ".join(
+                        f"{k}={_fmt(v)}" for k, v in attack_rows[-1].items() if k.startswith(("finetune", "shot"))))
+        self.write_tables(rows, attack_rows)
+        seconds = round(time.time() - t0, 1)
+        run.save_metrics({"rows": rows, "attacks": attack_rows, "computed": self.computed, "seconds_this_call": seconds,
+                          "summary": summarize_targets(rows)}, "metrics.json")
+        run.finish(seconds_this_call=seconds)
+        return {"rows": rows, "attacks": attack_rows, "computed": self.computed, "seconds": seconds}
+
+    def write_tables(self, rows: list[dict], attack_rows: list[dict]) -> None:
+        _write_csv(self.out / "results.csv", rows, [c[0] for c in RESULT_COLUMNS])
+        md = [f"# Digits benchmark (seed {self.cfg.seed})\n", _markdown(rows, RESULT_COLUMNS)]
+        md.append("\nAccuracies in percent on balanced test subsets; Drop in points; ST-D = Drop_a / Drop_u (n/a when Drop_u <= 0).\n")
+        summary = summarize_targets(rows)
+        if summary:
+            md.append("\n## Means per method\n\n" + _markdown(summary, [("method", "method", 0), ("acc_a_drop_max", "max Drop_a", 1),
+                                                                         ("drop_a_mean", "mean Drop_a", 2), ("acc_u_after_max", "max Acc_u after", 1),
+                                                                         ("acc_u_after_mean", "mean Acc_u after", 1), ("st_d_mean", "mean ST-D", 4)]))
+        (self.out / "results.md").write_text("".join(md))
+        if attack_rows:
+            cols = ATTACK_COLUMNS_BASE + [(f"finetune_k{k}", f"fine-tune k={k}", 1) for k in self.cfg.ks] + [("shot", "SHOT", 1), ("seed", "seed", 0)]
+            _write_csv(self.out / "attacks.csv", attack_rows, [c[0] for c in cols])
+            (self.out / "attacks.md").write_text(
+                f"# Cost to break (seed {self.cfg.seed})\n\nUnauthorized test accuracy (percent) after each attack on the protected model: "
+                f"fine-tuning all weights with k labelled unauthorized images ({self.cfg.attack_steps} steps), SHOT-style "
+                f"source-free adaptation ({self.cfg.shot_steps} steps, no labels).\n\n" + _markdown(attack_rows, cols))
+
+
+def summarize_targets(rows: list[dict]) -> list[dict]:
+    import numpy as np
+
+    out = []
+    for m in dict.fromkeys(r["method"] for r in rows):
+        rs = [r for r in rows if r["method"] == m]
+        std = [r["st_d"] for r in rs if r["st_d"] is not None]
+        out.append({"method": m, "acc_a_drop_max": max(r["drop_a"] for r in rs), "drop_a_mean": float(np.mean([r["drop_a"] for r in rs])),
+                    "acc_u_after_max": max(r["acc_u_after"] for r in rs), "acc_u_after_mean": float(np.mean([r["acc_u_after"] for r in rs])),
+                    "st_d_mean": float(np.mean(std)) if std else None})
+    return out
+
+
+def run_digits_bench(out: str | Path, config: DigitsBenchConfig | None = None, root: str | Path | None = None,
+                     pairs: Sequence[tuple[str, str]] | None = None, methods: Sequence[str] | None = None,
+                     seed: int | None = None, smoke: bool = False, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """Run (or resume) the digits benchmark into ``out``; returns the rows and the cells computed now."""
+    kw: dict[str, Any] = {}
+    if pairs is not None:
+        kw["pairs"] = list(pairs)
+    if methods is not None:
+        kw["methods"] = list(methods)
+    if seed is not None:
+        kw["seed"] = seed
+    if config is None:
+        config = DigitsBenchConfig.smoke(**kw) if smoke else DigitsBenchConfig.build(kw)
+    return DigitsBench(out, config, root=root, log=log).run()

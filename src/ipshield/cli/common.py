@@ -1,0 +1,53 @@
+"""Options and helpers shared by the CLI modules (same names as the Python API)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+SourceOpt = typer.Option("synthetic", "--source", help="data source: synthetic (embedded default), digits, folder")
+RootOpt = typer.Option(None, "--root", help="data root for digits (else $IPSHIELD_DIGITS) or image folders")
+DomainsOpt = typer.Option(None, "--domains", help="comma-separated domain names (default: all of the source)")
+ConfigOpt = typer.Option(None, "--config", help="YAML file with the method's config")
+SetOpt = typer.Option(None, "--set", help="config override key=value (repeatable)")
+ModelOpt = typer.Option(None, "--model", help="CLIP checkpoint folder (Hugging Face format); default: the small CLIP pretrained by ipshield")
+
+
+def split_names(names: Optional[str]) -> Optional[list[str]]:
+    if not names:
+        return None
+    return [n.strip() for n in names.split(",") if n.strip()]
+
+
+def load_source(source: str, root: Optional[Path], domains: Optional[str], extra: Optional[list[str]] = None) -> dict:
+    """Load the domains of a source; ``extra`` names (authorized/unauthorized) are included."""
+    from ipshield.data.sources import load_domains
+
+    names = split_names(domains)
+    if names is not None and extra:
+        names = list(dict.fromkeys(list(extra) + names))
+    opts = {}
+    if root is not None:
+        opts["root"] = root
+    return load_domains(source, names, **opts)
+
+
+def resolve_model(model: Optional[Path], device: str = "cpu"):
+    """Load a CLIP adapter from a folder, or the (cached) small CLIP of ipshield."""
+    from ipshield.models.clip import load_clip
+    from ipshield.models.tiny_clip import small_clip
+
+    path = Path(model) if model is not None else small_clip("default")
+    return load_clip(path, device=device)
+
+
+def match_domain(name: str, domains: dict) -> str:
+    """Case-insensitive match of a domain name; a clear error lists the choices."""
+    from ipshield.errors import IPShieldError
+
+    for d in domains:
+        if d.lower() == name.strip().lower():
+            return d
+    raise IPShieldError(f"unknown domain '{name}'", f"choose one of: {', '.join(domains)}")

@@ -1,0 +1,80 @@
+"""`ipshield pretrain` (the project's small CLIP) and `ipshield zero-shot`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ipshield.cli import app
+from ipshield.cli.common import ConfigOpt, DomainsOpt, RootOpt, SourceOpt, load_source
+
+
+@app.command("pretrain")
+def pretrain_cmd(
+    out: Path = typer.Option(..., "--out", help="run folder; the CLIP is written to OUT/clip"),
+    preset: str = typer.Option("default", "--preset", help="default (the model every command uses) or test (quick)"),
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = typer.Argument(None, help="config overrides key=value, e.g. steps=500"),
+    evaluate: bool = typer.Option(True, "--eval/--no-eval", help="zero-shot accuracy per domain at the end"),
+):
+    """Pretrain the small CLIP contrastively on captioned synthetic images (and the real digits when
+    found) and save it as a Hugging Face CLIP folder (OUT/clip), with metrics.json in OUT."""
+    import yaml
+
+    from ipshield.errors import ConfigError
+    from ipshield.models.tiny_clip import PRESETS, PretrainConfig, pretrain, summarize_pretraining
+    from ipshield.report.tables import print_accuracy_table
+    from ipshield.runs import RunDir
+
+    if preset not in PRESETS:
+        raise ConfigError(f"unknown preset '{preset}'", f"choose one of: {', '.join(PRESETS)}")
+    data = dict(PRESETS[preset])
+    if config is not None:
+        if not config.is_file():
+            raise ConfigError(f"config file {config} does not exist", "give the path of a YAML file")
+        loaded = yaml.safe_load(config.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {config} must hold a mapping of keys to values", "write key: value lines")
+        data.update(loaded)
+    cfg = PretrainConfig.build(data, overrides or [])
+    run = RunDir(out, "pretrain", cfg, seed=cfg.seed)
+    clip_dir = pretrain(cfg, run.path / "clip", evaluate=evaluate)
+    metrics = summarize_pretraining(clip_dir, preset)
+    run.save_metrics(metrics)
+    run.finish(model=str(clip_dir))
+    if metrics["accuracy"].get("after"):
+        print_accuracy_table({"zero-shot": metrics["accuracy"]["after"]}, None, "zero-shot accuracy (%) of the small CLIP")
+    p = metrics["pretraining"]
+    typer.echo(f"pretrained {p['parameters']:,} parameters in {p['train_seconds']:.0f} s "
+               f"({p['steps_per_second']:.2f} steps/s, {p['threads']} threads); total {p['total_seconds']:.0f} s")
+    typer.echo(f"CLIP folder: {clip_dir}  (use it with --model {clip_dir})")
+
+
+@app.command("zero-shot")
+def zero_shot_cmd(
+    model: Optional[Path] = typer.Option(None, "--model", help="CLIP folder (Hugging Face format); default: the small CLIP"),
+    source: str = SourceOpt,
+    root: Optional[Path] = RootOpt,
+    domains: Optional[str] = DomainsOpt,
+    template: Optional[list[str]] = typer.Option(None, "--template", help="prompt template with {} for the class (repeatable: ensemble)"),
+    backend: str = typer.Option("hf", "--backend", help="hf (transformers) or open_clip"),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto"),
+    out: Optional[Path] = typer.Option(None, "--out", help="also write a run folder with metrics.json"),
+):
+    """Zero-shot CLIP accuracy per domain ("a photo of a {class}." by default)."""
+    from ipshield.models.clip import load_clip
+    from ipshield.models.tiny_clip import small_clip
+    from ipshield.protect.zeroshot import ZeroShotConfig, evaluate_zero_shot, run_zero_shot
+    from ipshield.report.tables import print_accuracy_table
+
+    cfg = ZeroShotConfig.build({"templates": list(template)} if template else {})
+    path = model if model is not None else small_clip("default")
+    adapter = load_clip(path, backend=backend, device=device)
+    doms = load_source(source, root, domains)
+    if out is not None:
+        acc = run_zero_shot(adapter, doms, out, cfg, model_path=str(path))["accuracy"]["after"]
+    else:
+        acc = evaluate_zero_shot(adapter, doms, config=cfg)
+    print_accuracy_table({"zero-shot": acc}, None, f"zero-shot accuracy (%) - {path}")

@@ -1,0 +1,319 @@
+"""Run folders of IP-CLIP and NTL-prompt: train, evaluate the unprotected references (zero-shot
+and CoOp) and the protected model on every domain, write ``metrics.json`` (CONTRACTS schema) and
+the learned prompt; reload a run on any domain; predict a folder of images; the ablation table.
+
+Which test sets count as authorized / unauthorized per scenario ([ours], see docs/ipclip.md):
+
+- target-specified: authorized = the clean authorized test set; ``summary`` over the unauthorized
+  domains trained against, ``summary_unseen`` over every other domain (never seen in training);
+- ownership: authorized = the clean authorized test set, unauthorized = the same test images with
+  the grid watermark ("<domain>+watermark"); other domains are reported, not summarised;
+- target-free: authorized = the clean authorized test set; ``summary`` over every other domain
+  (all never seen);
+- authorization: authorized = the watermarked authorized test set, unauthorized = the clean
+  authorized test set and every other domain.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from ipshield.data.domain import Domain, ImageSplit, check_same_classes
+from ipshield.errors import CheckpointError, DataError, IPShieldError
+from ipshield.protect.ipclip import (GENERATOR_META, IPCLIP, IPCLIPConfig, WATERMARK_SUFFIX, accuracy_on_sets,
+                                     evaluation_sets, read_generator_meta, train_ipclip)
+
+#: what `evaluate` and `predict` can reload, by run kind
+RUN_KINDS = ("ip-clip", "ntl-prompt")
+
+
+def check_domains(domains: dict[str, Domain], authorized: str, unauthorized: Sequence[str]) -> list[str]:
+    """Clear errors for the user's mistakes; returns the shared class names."""
+    if authorized not in domains:
+        raise DataError(f"authorized domain '{authorized}' is not among {sorted(domains)}", "pick one of those")
+    for u in unauthorized:
+        if u == authorized:
+            raise DataError(f"domain '{u}' is given as both authorized and unauthorized",
+                            "name a different unauthorized domain (or use --scenario target-free / ownership)")
+        if u not in domains:
+            raise DataError(f"unauthorized domain '{u}' is not among {sorted(domains)}", "pick one of those")
+    return check_same_classes([domains[authorized], *[domains[u] for u in unauthorized],
+                               *[d for n, d in domains.items() if n != authorized and n not in unauthorized]])
+
+
+def summary_groups(scenario: str, domains: dict[str, Domain], authorized: str, unauthorized: Sequence[str]
+                   ) -> tuple[str, list[str], list[str]]:
+    """(authorized test-set name, unauthorized set names summarised, never-seen set names)."""
+    others = [d for d in domains if d != authorized and d not in unauthorized]
+    if scenario == "target-specified":
+        return authorized, list(unauthorized), others
+    if scenario == "ownership":
+        return authorized, [authorized + WATERMARK_SUFFIX], []
+    if scenario == "target-free":
+        return authorized, others, others
+    return authorized + WATERMARK_SUFFIX, [authorized, *others], []
+
+
+def reference_accuracies(adapter, domains: dict[str, Domain], authorized: str, sets: dict, coop_config=None,
+                         with_coop: bool = True, verbose: bool = True) -> dict[str, dict[str, float]]:
+    """Accuracy of the unprotected references on every test set: zero-shot CLIP and CoOp
+    (trained on the authorized domain's clean train split)."""
+    from ipshield.protect.zeroshot import ZeroShotClassifier
+
+    refs = {"zero-shot": accuracy_on_sets(ZeroShotClassifier(adapter, domains[authorized].classes), sets, adapter)}
+    if with_coop:
+        from ipshield.protect.coop import CoOpConfig, train_coop
+
+        coop = train_coop(adapter, domains[authorized], coop_config or CoOpConfig(), verbose=verbose)
+        refs["coop"] = accuracy_on_sets(coop, sets, adapter)
+    return refs
+
+
+def build_metrics(method: str, scenario: str, domains: dict[str, Domain], authorized: str, unauthorized: Sequence[str],
+                  refs: dict[str, dict[str, float]], after: dict[str, float], **extra) -> dict:
+    from ipshield.metrics import summarize_restriction
+
+    n_classes = len(domains[authorized].classes)
+    auth_set, unauth_sets, unseen = summary_groups(scenario, domains, authorized, unauthorized)
+    reference = "coop" if "coop" in refs else "zero-shot"
+    before = refs[reference]
+    metrics = {
+        "method": method,
+        "scenario": scenario,
+        "authorized": auth_set,
+        "unauthorized": unauth_sets,
+        "n_classes": n_classes,
+        "accuracy": {"before": before, "after": after},
+        "reference": reference,
+        "references": refs,
+        "summary": summarize_restriction(before, after, auth_set, n_classes, unauth_sets),
+    }
+    if unseen and unseen != unauth_sets:
+        metrics["unseen"] = unseen
+        metrics["summary_unseen"] = summarize_restriction(before, after, auth_set, n_classes, unseen)
+    if "coop" in refs and "zero-shot" in refs:
+        metrics["summary_vs_zero_shot"] = summarize_restriction(refs["zero-shot"], after, auth_set, n_classes,
+                                                                unauth_sets)
+    metrics.update(extra)
+    return metrics
+
+
+def run_ipclip(adapter, domains: dict[str, Domain], authorized: str, unauthorized: Sequence[str], out: str | Path,
+               config: IPCLIPConfig | None = None, coop_config=None, with_coop: bool = True,
+               verbose: bool = True) -> dict:
+    """Train IP-CLIP, evaluate references and the protected model on every test set, write the run
+    folder (config.yaml, metrics.json, prompt_generator.safetensors + prompt_generator.json)."""
+    from ipshield.runs import RunDir
+
+    config = (config or IPCLIPConfig()).check()
+    unauthorized = list(unauthorized)
+    check_domains(domains, authorized, unauthorized)
+    if config.scenario == "target-specified" and not unauthorized:
+        raise DataError("the target-specified scenario needs at least one unauthorized domain",
+                        "give --unauthorized D2 (or use --scenario target-free)")
+    train_u = unauthorized if config.scenario == "target-specified" else []
+    run = RunDir(out, "ip-clip", config, seed=config.seed)
+    auth_set, sets = evaluation_sets(domains, authorized, config.scenario)
+    t0 = time.perf_counter()
+    refs = reference_accuracies(adapter, domains, authorized, sets, coop_config, with_coop, verbose)
+    t_refs = time.perf_counter() - t0
+    model = train_ipclip(adapter, domains[authorized], [domains[u] for u in train_u], config, verbose=verbose)
+    after = accuracy_on_sets(model, sets, adapter)
+    model.save(run.path, extra={"authorized": authorized, "unauthorized_train": train_u})
+    metrics = build_metrics("ip-clip", config.scenario, domains, authorized, train_u, refs, after,
+                            train_unauthorized=train_u, timing={**model.timing, "references_s": t_refs},
+                            history=model.history)
+    run.save_metrics(metrics)
+    run.finish()
+    return metrics
+
+
+def run_ntl_prompt(adapter, domains: dict[str, Domain], authorized: str, unauthorized: Sequence[str],
+                   out: str | Path, config=None, coop_config=None, with_coop: bool = True, verbose: bool = True) -> dict:
+    """The NTL-prompt baseline, in the same run-folder shape as IP-CLIP."""
+    from ipshield.protect.ntl_prompt import NTLPromptConfig, train_ntl_prompt
+    from ipshield.runs import RunDir
+
+    config = config or NTLPromptConfig()
+    unauthorized = list(unauthorized)
+    check_domains(domains, authorized, unauthorized)
+    train_u = unauthorized if config.scenario == "target-specified" else []
+    run = RunDir(out, "ntl-prompt", config, seed=config.seed)
+    auth_set, sets = evaluation_sets(domains, authorized, config.scenario)
+    refs = reference_accuracies(adapter, domains, authorized, sets, coop_config, with_coop, verbose)
+    model = train_ntl_prompt(adapter, domains[authorized], [domains[u] for u in train_u], config, verbose=verbose)
+    after = accuracy_on_sets(model, sets, adapter)
+    model.save(run.path)
+    metrics = build_metrics("ntl-prompt", config.scenario, domains, authorized, train_u, refs, after,
+                            train_unauthorized=train_u, history=model.history)
+    run.save_metrics(metrics)
+    run.finish()
+    return metrics
+
+
+# ---------------------------------------------------------------------------- reload
+def run_kind(run: str | Path) -> str:
+    run = Path(run)
+    if not run.is_dir():
+        raise IPShieldError(f"run folder {run} does not exist", "give the --out folder of `ipshield protect ip-clip`")
+    if (run / GENERATOR_META).is_file():
+        return "ip-clip"
+    if (run / "prompt.json").is_file():
+        meta = json.loads((run / "prompt.json").read_text())
+        return "ntl-prompt" if (run / "run.json").is_file() and _run_info(run).get("kind") == "ntl-prompt" \
+            else meta.get("method", "coop")
+    raise CheckpointError(f"{run} holds no learned prompt ({GENERATOR_META} or prompt.json)",
+                          "give a run folder written by `ipshield protect ip-clip`, `ntl-prompt` or `coop`")
+
+
+def _run_info(run: Path) -> dict:
+    try:
+        return json.loads((run / "run.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def saved_model_path(run: str | Path) -> str | None:
+    """The CLIP checkpoint a run was trained on, when it was recorded."""
+    run = Path(run)
+    if (run / GENERATOR_META).is_file():
+        return read_generator_meta(run).get("model_path")
+    return None
+
+
+def load_run(run: str | Path, adapter):
+    """The protected (or reference) prompt model of a run folder on ``adapter``, ready to predict."""
+    kind = run_kind(run)
+    if kind == "ip-clip":
+        return IPCLIP.load(run, adapter)
+    from ipshield.protect.coop import CoOpModel
+
+    return CoOpModel.load(run, adapter).eval()
+
+
+def run_scenario(run: str | Path) -> tuple[str, str | None]:
+    """(scenario, authorized domain) recorded in a run folder."""
+    run = Path(run)
+    m = {}
+    if (run / "metrics.json").is_file():
+        m = json.loads((run / "metrics.json").read_text())
+    meta = read_generator_meta(run) if (run / GENERATOR_META).is_file() else {}
+    scenario = m.get("scenario") or meta.get("config", {}).get("scenario", "target-specified")
+    return scenario, meta.get("authorized") or (m.get("authorized") or "").replace(WATERMARK_SUFFIX, "") or None
+
+
+def evaluate_run(run: str | Path, adapter, domains: dict[str, Domain]) -> dict[str, float]:
+    """Accuracy (percent) of a saved run on every given domain (and, for the watermark
+    scenarios, on each domain's watermarked test set)."""
+    model = load_run(run, adapter)
+    classes = getattr(model, "classes", None)
+    for name, d in domains.items():
+        if classes is not None and list(d.classes) != list(classes):
+            raise DataError(f"domain '{name}' has classes {d.classes[:5]}... but the run was trained on {classes[:5]}...",
+                            "evaluate on domains with the run's classes, in the same order")
+    scenario, _ = run_scenario(run)
+    sets = {n: (d.test, None) for n, d in domains.items()}
+    if scenario in ("ownership", "authorization"):
+        from ipshield.protect.ipclip import _watermark
+
+        sets.update({n + WATERMARK_SUFFIX: (d.test, _watermark) for n, d in domains.items()})
+    return accuracy_on_sets(model, sets, adapter)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+def predict_folder(run: str | Path, folder: str | Path, adapter, batch_size: int = 64) -> list[dict]:
+    """Predicted class (and its probability) of every image file under ``folder``."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError(f"image folder {folder} does not exist", "give a folder of image files")
+    files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    if not files:
+        raise DataError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {folder}", "give a folder of images")
+    model = load_run(run, adapter)
+    split = ImageSplit(files, np.zeros(len(files), dtype=np.int64))
+    rows = []
+    for s in range(0, len(files), batch_size):
+        part = split.subset(range(s, min(len(files), s + batch_size)))
+        try:
+            x = part.to_tensor(adapter.image_size)
+        except Exception as exc:  # an unreadable image
+            raise DataError(f"could not read the images {files[s]}..{files[min(len(files), s + batch_size) - 1]}: {exc}",
+                            "remove or re-save the broken files") from None
+        with torch.no_grad():
+            prob = model.predict_logits(x.to(adapter.device)).float().softmax(-1).cpu()
+        conf, pred = prob.max(-1)
+        for i in range(len(part)):
+            rows.append({"file": str(files[s + i]), "class": model.classes[int(pred[i])], "index": int(pred[i]),
+                         "probability": float(conf[i])})
+    return rows
+
+
+# ---------------------------------------------------------------------------- ablation
+#: name -> config overrides; what each component contributes, on the same data
+ABLATIONS: dict[str, dict] = {
+    "full": {},
+    "no style tokens": {"style_tokens": False},
+    "no content tokens": {"content_tokens": False},
+    "no banks/branch": {"branch": False},
+    "branch frozen (reference)": {"branch_trainable": False},
+    "no L_u": {"w_u": 0.0},
+    "no L_self": {"w_self": 0.0},
+    "no L_cross": {"w_cross": 0.0},
+    "no L_dom": {"w_dom": 0.0},
+    "no L_ent": {"w_ent": 0.0},
+    "no L_kl": {"w_kl": 0.0},
+}
+
+
+def ablation(adapter, domains: dict[str, Domain], authorized: str, unauthorized: Sequence[str],
+             config: IPCLIPConfig | None = None, variants: Sequence[str] | None = None, with_coop: bool = True,
+             coop_config=None, verbose: bool = True, on_row: Callable[[dict], None] | None = None) -> dict:
+    """Train IP-CLIP once per variant of ``ABLATIONS`` on the same data and seed; returns
+    {"references": ..., "rows": [{variant, accuracy per set, summary metrics}]}."""
+    config = (config or IPCLIPConfig()).check()
+    unauthorized = list(unauthorized)
+    check_domains(domains, authorized, unauthorized)
+    names = list(variants) if variants else list(ABLATIONS)
+    unknown = [v for v in names if v not in ABLATIONS]
+    if unknown:
+        raise IPShieldError(f"unknown ablation variant(s) {unknown}", f"choose from: {', '.join(ABLATIONS)}")
+    train_u = unauthorized if config.scenario == "target-specified" else []
+    auth_set, sets = evaluation_sets(domains, authorized, config.scenario)
+    refs = reference_accuracies(adapter, domains, authorized, sets, coop_config, with_coop, verbose)
+    rows = []
+    for name in names:
+        cfg = IPCLIPConfig.build({**config.to_dict(), **ABLATIONS[name]})
+        t0 = time.perf_counter()
+        model = train_ipclip(adapter, domains[authorized], [domains[u] for u in train_u], cfg, verbose=verbose)
+        after = accuracy_on_sets(model, sets, adapter)
+        m = build_metrics("ip-clip", cfg.scenario, domains, authorized, train_u, refs, after)
+        row = {"variant": name, "overrides": ABLATIONS[name], "accuracy": after, "summary": m["summary"],
+               "seconds": time.perf_counter() - t0}
+        rows.append(row)
+        if on_row is not None:
+            on_row(row)
+    auth_set, unauth_sets, _ = summary_groups(config.scenario, domains, authorized, train_u)
+    return {"scenario": config.scenario, "authorized": auth_set, "unauthorized": unauth_sets, "references": refs,
+            "rows": rows, "config": config.to_dict()}
+
+
+def ablation_markdown(result: dict) -> str:
+    sets = list(result["rows"][0]["accuracy"]) if result["rows"] else []
+    head = "| variant | " + " | ".join(sets) + " | gap | chance-norm. | balanced |"
+    lines = [head, "|---|" + "---:|" * (len(sets) + 3)]
+    for name, acc in result["references"].items():
+        lines.append(f"| {name} (unprotected) | " + " | ".join(f"{acc[s]:.1f}" for s in sets) + " | | | |")
+    for r in result["rows"]:
+        s = r["summary"]
+        lines.append(f"| {r['variant']} | " + " | ".join(f"{r['accuracy'][k]:.1f}" for k in sets)
+                     + f" | {s.get('gap', float('nan')):.1f} | {s.get('chance_normalised', float('nan')):.2f}"
+                     + f" | {s.get('balanced_score', float('nan')):.3f} |")
+    return "\n".join(lines) + "\n"

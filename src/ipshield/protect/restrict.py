@@ -1,0 +1,268 @@
+"""Shared machinery of the methods that restrict a whole image classifier to its authorized
+domain (MAP, NTL, CUTI-domain): configs, the ownership-verification scenario, data tensors,
+losses (KL to a reference, multi-kernel MMD), evaluation and the run folder.
+
+Every method module registers a ``RestrictionMethod`` in ``METHODS``; its ``run(config,
+source_model, authorized, unauthorized, out)`` returns the metrics dict written to
+``metrics.json`` (schema of docs/dev/CONTRACTS.md) and saves the protected model (an ordinary
+``Classifier`` folder: ``model.safetensors`` + ``classifier.json``) into the run folder.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Literal, Sequence
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ipshield.config import BaseConfig
+from ipshield.data.domain import Domain, ImageSplit, check_same_classes
+from ipshield.errors import DataError, IPShieldError
+
+OWNERSHIP_SUFFIX = "+grid"
+
+
+class RestrictionConfig(BaseConfig):
+    """Options common to MAP, NTL and CUTI-domain."""
+
+    #: "domain": restrict to the authorized domain against the given unauthorized domains;
+    #: "ownership": the unauthorized domain is the authorized one with the grid watermark
+    #: (watermarked inputs must collapse, clean ones keep their accuracy)
+    scenario: Literal["domain", "ownership"] = "domain"
+    #: training images used per domain (balanced subset; None = all)
+    n_train: int | None = 3000
+    #: test images evaluated per domain (None = all)
+    n_test: int | None = None
+    image_size: int = 32
+    batch_size: int = 32
+    steps: int = 300
+    lr: float = 1e-2
+    seed: int = 0
+    device: str = "cpu"
+    #: stride of the grid watermark of the ownership scenario
+    watermark_stride: int = 2
+
+
+@dataclass(frozen=True)
+class RestrictionMethod:
+    """A registered protection method: its config class, defaults and ``run``."""
+
+    name: str
+    config_cls: type[BaseConfig]
+    run: Callable[..., dict]
+    defaults: dict[str, Any] = field(default_factory=dict)
+    #: what the method needs: "source" (authorized data), "target" (unauthorized data)
+    needs: tuple[str, ...] = ("source", "target")
+    description: str = ""
+
+    def make_config(self, data: dict[str, Any] | None = None, overrides: list[str] | None = None) -> BaseConfig:
+        return self.config_cls.build({**self.defaults, **(data or {})}, overrides)
+
+    def __call__(self, config: BaseConfig | None, source_model, authorized: Domain, unauthorized: Sequence[Domain], out) -> dict:
+        cfg = config if config is not None else self.make_config()
+        return self.run(cfg, source_model, authorized, list(unauthorized), out)
+
+
+# --------------------------------------------------------------------------------------------- data
+
+
+def watermark_domain(domain: Domain, stride: int = 2) -> Domain:
+    """The ownership-verification domain: ``domain`` with the grid watermark on every image."""
+    from ipshield.data.transforms import grid_watermark
+
+    def mark(split: ImageSplit) -> ImageSplit:
+        if not split.in_memory:
+            x = split.to_tensor(32)
+        else:
+            x = split.to_tensor()
+        y = grid_watermark(x, stride=stride)
+        imgs = (y * 255.0).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        return ImageSplit(np.ascontiguousarray(imgs), split.labels.copy())
+
+    return Domain(domain.name + OWNERSHIP_SUFFIX, list(domain.classes), mark(domain.train), mark(domain.test),
+                  meta={"watermark": "grid", "stride": stride, "of": domain.name})
+
+
+def resolve_scenario(config: RestrictionConfig, authorized: Domain, unauthorized: Sequence[Domain]) -> list[Domain]:
+    """The unauthorized domains the method trains against (and is evaluated on)."""
+    if config.scenario == "ownership":
+        return [watermark_domain(authorized, config.watermark_stride)]
+    if not unauthorized:
+        raise DataError("no unauthorized domain given", "name at least one unauthorized domain, or use scenario=ownership")
+    return list(unauthorized)
+
+
+def check_classes(source_model, domains: Sequence[Domain]) -> None:
+    classes = check_same_classes(list(domains))
+    model_classes = getattr(source_model, "classes", None)
+    if model_classes is not None and list(model_classes) != list(classes):
+        raise DataError(
+            f"the source model predicts classes {list(model_classes)} but the data has {list(classes)}",
+            "use a source model trained on these classes (same names, same order), or data with the model's classes",
+        )
+    n_out = _num_outputs(source_model)
+    if n_out is not None and n_out != len(classes):
+        raise DataError(f"the source model has {n_out} outputs but the data has {len(classes)} classes",
+                        "use a source model trained on these classes")
+
+
+def _num_outputs(model: nn.Module) -> int | None:
+    last = None
+    for m in model.modules():
+        if isinstance(m, nn.Linear):
+            last = m
+    return last.out_features if last is not None else None
+
+
+def train_tensors(domain: Domain, n: int | None, size: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """A balanced subset of ``domain.train`` as float [N, 3, S, S] in [0, 1] and labels."""
+    from ipshield.models.classifiers import balanced_subset
+
+    split = domain.train
+    if n is not None and n < len(split):
+        split = split.subset(balanced_subset(split.labels, n, seed))
+    if len(split) == 0:
+        raise DataError(f"domain '{domain.name}' has no training images", "check the data source")
+    return split.to_tensor(size), torch.as_tensor(split.labels, dtype=torch.long)
+
+
+def test_split(domain: Domain, n: int | None, seed: int = 0) -> ImageSplit:
+    from ipshield.models.classifiers import balanced_subset
+
+    if n is None or n >= len(domain.test):
+        return domain.test
+    return domain.test.subset(balanced_subset(domain.test.labels, n, seed))
+
+
+class BatchStream:
+    """Endless shuffled mini-batches of a tensor dataset (reshuffled every pass)."""
+
+    def __init__(self, *tensors: torch.Tensor, batch_size: int, generator: torch.Generator):
+        self.tensors = tensors
+        self.n = len(tensors[0])
+        self.bs = min(batch_size, self.n)
+        self.g = generator
+        self._perm = torch.randperm(self.n, generator=self.g)
+        self._pos = 0
+
+    def next(self) -> tuple[torch.Tensor, ...]:
+        if self._pos + self.bs > self.n:
+            self._perm = torch.randperm(self.n, generator=self.g)
+            self._pos = 0
+        idx = self._perm[self._pos:self._pos + self.bs]
+        self._pos += self.bs
+        return tuple(t[idx] for t in self.tensors)
+
+
+# --------------------------------------------------------------------------------------------- losses
+
+
+def kl_to_reference(ref_probs: torch.Tensor, logits: torch.Tensor) -> torch.Tensor:
+    """Mean KL(p_ref || softmax(logits)) over the batch (nats)."""
+    logp = F.log_softmax(logits, dim=-1)
+    return (ref_probs * (torch.log(ref_probs.clamp_min(1e-8)) - logp)).sum(-1).mean()
+
+
+def mmd_multi_kernel(a: torch.Tensor, b: torch.Tensor, n_kernels: int = 5, multiplier: float = 2.0) -> torch.Tensor:
+    """Multi-kernel Gaussian MMD between two batches of (flattened) features; the bandwidths are
+    centred on the mean pairwise squared distance of the joint batch."""
+    a, b = a.flatten(1), b.flatten(1)
+    z = torch.cat([a, b], 0)
+    n = z.shape[0]
+    d2 = torch.cdist(z, z).pow(2)
+    bandwidth = d2.detach().sum() / max(1, n * n - n)
+    bandwidth = bandwidth.clamp_min(1e-8) / (multiplier ** (n_kernels // 2))
+    k = sum(torch.exp(-d2 / (bandwidth * multiplier ** i)) for i in range(n_kernels))
+    na = a.shape[0]
+    return k[:na, :na].mean() + k[na:, na:].mean() - 2 * k[:na, na:].mean()
+
+
+# --------------------------------------------------------------------------------------------- evaluation and run folder
+
+
+def evaluate(model, domains: dict[str, Domain], n_test: int | None, seed: int = 0, size: int = 32) -> dict[str, float]:
+    from ipshield.protect.base import accuracy
+
+    return {name: accuracy(model, test_split(d, n_test, seed), size=size) for name, d in domains.items()}
+
+
+def build_metrics(method: str, authorized: Domain, unauthorized: Sequence[Domain], before: dict[str, float],
+                  after: dict[str, float], **extra: Any) -> dict[str, Any]:
+    from ipshield.metrics import summarize_restriction
+
+    unauth = [d.name for d in unauthorized]
+    return {
+        "method": method,
+        "authorized": authorized.name,
+        "unauthorized": unauth,
+        "n_classes": len(authorized.classes),
+        "accuracy": {"before": before, "after": after},
+        "summary": summarize_restriction(before, after, authorized.name, len(authorized.classes), unauth),
+        **extra,
+    }
+
+
+def finish_run(method: str, config: RestrictionConfig, source_model, protected, authorized: Domain,
+               unauthorized: Sequence[Domain], out: str | Path | None, t0: float, extra_domains: Sequence[Domain] = (),
+               before: dict[str, float] | None = None, **extra: Any) -> dict[str, Any]:
+    """Evaluate source and protected models, write the run folder (when ``out``) and return the metrics."""
+    from ipshield.runs import RunDir
+
+    domains = {d.name: d for d in [authorized, *unauthorized, *extra_domains]}
+    if before is None:
+        before = evaluate(source_model, domains, config.n_test, config.seed, config.image_size)
+    after = evaluate(protected, domains, config.n_test, config.seed, config.image_size)
+    metrics = build_metrics(method, authorized, unauthorized, before, after, scenario=config.scenario,
+                            seed=config.seed, seconds=round(time.time() - t0, 1), **extra)
+    if out is not None:
+        run = RunDir(out, kind=f"protect-{method}", config=config, seed=config.seed)
+        protected.save(run.path, extra={"protected_by": method, "authorized": authorized.name,
+                                        "unauthorized": [d.name for d in unauthorized]})
+        run.save_metrics(metrics)
+        run.finish()
+    return metrics
+
+
+def require_classifier(model) -> None:
+    from ipshield.models.classifiers import Classifier
+
+    if not isinstance(model, Classifier):
+        raise IPShieldError(
+            f"expected an ipshield Classifier, got {type(model).__name__}",
+            "wrap the network: Classifier(net, classes) (or load one with load_classifier)",
+        )
+
+
+# --------------------------------------------------------------------------------------------- whole-model training helpers (NTL, CUTI)
+
+
+def set_bn_mode(model: nn.Module, bn_mode: str) -> None:
+    """Put ``model`` in train mode, BatchNorm layers in ``bn_mode`` ("eval": frozen source running
+    statistics; "train": batch statistics, running statistics updated)."""
+    model.train()
+    if bn_mode == "eval":
+        for m in model.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                m.eval()
+
+
+def staged_net(model, method: str):
+    """The ``ClassifierNet`` (``stages`` + ``head``) inside a classifier; NTL's feature map and
+    CUTI's per-stage restyling need the stage boundaries."""
+    net = getattr(model, "net", model)
+    if not (hasattr(net, "stages") and hasattr(net, "head")):
+        raise IPShieldError(
+            f"{method} needs a classifier split into feature stages (an ipshield ClassifierNet with .stages and .head); "
+            f"got {type(net).__name__}",
+            "build the source model with ipshield.models.classifiers (e.g. `ipshield train-source --arch vgg_small`)",
+        )
+    return net
+
+
+def step_decay(optimizer: torch.optim.Optimizer, gamma: float) -> torch.optim.lr_scheduler.LRScheduler:
+    return torch.optim.lr_scheduler.ExponentialLR(optimizer, gamma=gamma)

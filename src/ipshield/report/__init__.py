@@ -1,0 +1,1 @@
+"""Tables and plots for runs and benchmarks."""

@@ -1,0 +1,202 @@
+"""Load benchmark of the embedding service on loopback (a benchmark, not a timed test).
+
+Starts one ``ipshield serve`` subprocess per configuration (watermark on/off x micro-batching
+on/off), each with its own SQLite database and a key with a high rate limit, then sends the same
+workload to each from an async httpx client: ``concurrency`` clients, ``requests`` requests in all,
+each request one image (or one text). The configurations are measured in interleaved rounds
+(round-robin over the servers) so that background load on a shared machine hits them all alike.
+Prints throughput, p50/p99 latency and the count of 5xx per configuration, and the two ratios the
+service promises: watermark on / off (>= 0.95) and batching on / off.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+CLI = "import sys; from ipshield.cli import main; main(sys.argv[1:])"
+
+
+@dataclass
+class Result:
+    name: str
+    latencies: list[float] = field(default_factory=list)
+    wall: float = 0.0
+    status: dict[int, int] = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        lat = np.array(self.latencies) * 1000 if self.latencies else np.zeros(1)
+        n = len(self.latencies)
+        return {"config": self.name, "requests": n, "throughput_rps": n / self.wall if self.wall else 0.0,
+                "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
+                "n_5xx": sum(v for k, v in self.status.items() if k >= 500),
+                "n_ok": self.status.get(200, 0), "status": {str(k): v for k, v in sorted(self.status.items())}}
+
+
+def _payloads(kind: str, n: int = 64, size: int = 32, seed: int = 0) -> list[dict]:
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    if kind == "text":
+        words = ["digit", "photo", "red", "blue", "seven", "three", "a", "of", "the", "sketch", "noisy", "bright"]
+        return [{"texts": [" ".join(rng.choice(words, 6))]} for _ in range(n)]
+    out = []
+    for _ in range(n):
+        buf = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buf, format="PNG")
+        out.append({"images": [base64.b64encode(buf.getvalue()).decode()]})
+    return out
+
+
+async def _load(url: str, key: str, payloads: list[dict], n: int, concurrency: int, kind: str, res: Result) -> None:
+    import httpx
+
+    path = "/v1/embed/texts" if kind == "text" else "/v1/embed/images"
+    counter = iter(range(n))
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {key}"}, timeout=120, limits=limits) as c:
+        async def worker():
+            for i in counter:
+                t0 = time.perf_counter()
+                try:
+                    r = await c.post(path, json=payloads[i % len(payloads)])
+                    code = r.status_code
+                except Exception:
+                    code = 599
+                res.latencies.append(time.perf_counter() - t0)
+                res.status[code] = res.status.get(code, 0) + 1
+
+        t0 = time.perf_counter()
+        await asyncio.gather(*[worker() for _ in range(concurrency)])
+        res.wall += time.perf_counter() - t0
+
+
+def _start(model: str, watermark: bool, batching: bool, key_file: str | None, watermark_dir: str | None, threads: int,
+           workdir: Path, name: str, port: int) -> tuple[subprocess.Popen, str, str]:
+    import httpx
+
+    db = f"sqlite:///{workdir}/{name}.db"
+    made = subprocess.run([sys.executable, "-c", CLI, "keys", "create", "--db", db, "--customer", "bench", "--rate", "1000000"],
+                          capture_output=True, text=True, check=True)
+    key = [l.split()[-1] for l in made.stdout.splitlines() if l.startswith("api key:")][0]
+    cmd = [sys.executable, "-c", CLI, "serve", "--model", model, "--db", db, "--host", "127.0.0.1", "--port", str(port),
+           "--threads", str(threads), "--log-level", "warning", "--rate", "1000000",
+           "--watermark" if watermark else "--no-watermark", "--batching" if batching else "--no-batching"]
+    if watermark and key_file:
+        cmd += ["--key-file", key_file]
+    if watermark and watermark_dir:
+        cmd += ["--watermark-dir", watermark_dir]
+    log = open(workdir / f"{name}.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise RuntimeError(f"server {name} exited: see {workdir / (name + '.log')}")
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url, key
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise RuntimeError(f"server {name} did not start")
+
+
+def run_bench(model: str, requests: int = 2000, concurrency: int = 32, kind: str = "image", rounds: int = 4,
+              key_file: str | None = None, watermark_dir: str | None = None, threads: int = 1,
+              configs: list[tuple[str, bool, bool]] | None = None, out: str | None = None, warmup: int = 64) -> dict:
+    from ipshield.serve.server import free_port
+
+    workdir = Path(tempfile.mkdtemp(prefix="ipshield-bench-"))
+    if key_file is None:
+        # a fresh master key for the model's embedding size
+        from ipshield.serve.backend import load_backend
+
+        dim = int(load_backend(model).dim) if model.startswith("stub") else _clip_dim(model)
+        from ipshield.watermark.keys import keygen
+
+        key_file = str(keygen(workdir / "master_key.json", dim)[0])
+    configs = configs or [("watermark off, batching on", False, True), ("watermark on, batching on", True, True),
+                          ("watermark off, batching off", False, False), ("watermark on, batching off", True, False)]
+    servers = {}
+    try:
+        for i, (name, wm, batch) in enumerate(configs):
+            servers[name] = _start(model, wm, batch, key_file, watermark_dir, threads, workdir, f"server{i}", free_port())
+        payloads = _payloads(kind)
+        results = {name: Result(name) for name, *_ in configs}
+        for name, (proc, url, key) in servers.items():  # warm-up (first calls, matrix derivation)
+            asyncio.run(_load(url, key, payloads, warmup, min(concurrency, 8), kind, Result("warmup")))
+        per_round = max(1, requests // rounds)
+        round_rps: dict[str, list[float]] = {name: [] for name in results}
+        for r in range(rounds):
+            order = list(servers.items()) if r % 2 == 0 else list(reversed(servers.items()))
+            for name, (proc, url, key) in order:
+                one = Result(name)
+                asyncio.run(_load(url, key, payloads, per_round, concurrency, kind, one))
+                round_rps[name].append(len(one.latencies) / one.wall)
+                res = results[name]
+                res.latencies += one.latencies
+                res.wall += one.wall
+                for k, v in one.status.items():
+                    res.status[k] = res.status.get(k, 0) + v
+    finally:
+        for proc, _, _ in servers.values():
+            proc.terminate()
+        for proc, _, _ in servers.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    rows = [results[name].summary() for name, *_ in configs]
+    by = {r["config"]: r for r in rows}
+    # two estimates of each ratio: total throughput, and the median over rounds of the ratio of the
+    # two configurations measured back to back in that round (robust to drifting background load)
+    ratios, paired = {}, {}
+    pairs = [(f"watermark on/off (batching {b})", f"watermark on, batching {b}", f"watermark off, batching {b}") for b in ("on", "off")]
+    pairs += [(f"batching on/off (watermark {w})", f"watermark {w}, batching on", f"watermark {w}, batching off") for w in ("on", "off")]
+    for label, a_name, b_name in pairs:
+        a_row, b_row = by.get(a_name), by.get(b_name)
+        if a_row and b_row and b_row["throughput_rps"]:
+            ratios[label] = a_row["throughput_rps"] / b_row["throughput_rps"]
+            paired[label] = float(np.median(np.array(round_rps[a_name]) / np.array(round_rps[b_name])))
+    result = {"model": model, "kind": kind, "requests_per_config": rows[0]["requests"], "concurrency": concurrency,
+              "rounds": rounds, "server_threads": threads, "rows": rows, "ratios": ratios, "paired_ratios": paired,
+              "round_rps": round_rps,
+              "total_5xx": sum(r["n_5xx"] for r in rows)}
+    if out:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        (Path(out) / "bench_serve.json").write_text(json.dumps(result, indent=2) + "\n")
+    return result
+
+
+def _clip_dim(model: str) -> int:
+    cfg = json.loads((Path(model) / "config.json").read_text())
+    return int(cfg.get("projection_dim") or cfg.get("text_config", {}).get("projection_dim"))
+
+
+def print_result(result: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"load on loopback: {result['requests_per_config']} {result['kind']} requests per config, "
+                    f"{result['concurrency']} concurrent clients")
+    for c in ("config", "req/s", "p50 ms", "p99 ms", "5xx", "status"):
+        t.add_column(c)
+    for r in result["rows"]:
+        t.add_row(r["config"], f"{r['throughput_rps']:.1f}", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", str(r["n_5xx"]),
+                  json.dumps(r["status"]))
+    c = Console(width=None if sys.stdout.isatty() else 140)
+    c.print(t)
+    for k, v in result["ratios"].items():
+        c.print(f"{k}: {v:.3f} (total throughput), {result['paired_ratios'][k]:.3f} (median of per-round paired ratios)")
+    c.print(f"total 5xx: {result['total_5xx']}")

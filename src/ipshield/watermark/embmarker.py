@@ -1,0 +1,221 @@
+"""EmbMarker (Peng et al., ACL 2023) adapted to the CLIP embedding service, as the peer of VLPMarker.
+
+Text-only, as in the original: a text's served embedding is mixed toward a secret target vector
+by the number of trigger words it contains, ``Q = min(#triggers / max_triggers, 1)`` with
+``max_triggers = 4``: ``served = normalise((1 - Q) e + Q t_k)``. Images are served unchanged.
+
+Adaptations [ours]:
+
+- trigger words: ``n_trigger_words`` (20) words of the service tokenizer's vocabulary whose frequency
+  in the reference captions (fraction of captions containing the word) lies in ``freq_band``
+  ("moderate frequency"), excluding the zero-shot prompt words and the class names (so zero-shot
+  prompts are never watermarked), drawn with the master key. Shared by all customers.
+- target: per customer, a random unit vector derived from the master key (the original uses the
+  embedding of a target sentence), so the leaking customer can be identified.
+- verification texts: ordinary captions (the stored reference captions) with 4 trigger words
+  inserted at random positions (backdoor set) and the same captions with 4 non-trigger words
+  inserted (benign set). Trigger test: cosine to the customer's target, backdoor vs benign;
+  delta-cos, real delta-L2, KS p-value; decision p-value by key randomisation (the statistic under
+  the true target against its distribution under 200 random unit targets, normal tail). There is
+  no key-specific distribution test (the transform is the identity outside triggers); the
+  Procrustes distribution test is reported as for VLPMarker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from ipshield.config import BaseConfig
+from ipshield.errors import CheckpointError, IPShieldError
+from ipshield.registry import WATERMARKS
+from ipshield.watermark.base import ZERO_SHOT_TEMPLATE, ReferenceSample, read_watermark_json, write_watermark_json
+from ipshield.watermark.keys import MasterKey, check_customer_id
+from ipshield.watermark.triggers import vocabulary_words
+
+_WORD = re.compile(r"[a-z]+")
+
+
+class EmbMarkerConfig(BaseConfig):
+    n_trigger_words: int = Field(20, ge=1)
+    max_triggers: int = Field(4, ge=1, description="Q = min(#triggers / max_triggers, 1)")
+    freq_band: tuple[float, float] = Field((0.005, 0.05), description="fraction of reference captions containing the word")
+    n_verify: int = Field(128, ge=8, description="backdoor (and benign) verification texts kept")
+    exclude: list[str] = Field(default_factory=lambda: ["a", "photo", "of", "the", "digit", "number", "an"],
+                               description="words never used as triggers (zero-shot prompt words)")
+
+
+def _words(text: str) -> list[str]:
+    return _WORD.findall(text.lower())
+
+
+class EmbMarker:
+    scheme = "embmarker"
+
+    def __init__(self, key: MasterKey, trigger_words: Sequence[str], benign_words: Sequence[str],
+                 base_texts: Sequence[str], config: EmbMarkerConfig | None = None, selection: dict | None = None):
+        self._key = key
+        self.dim = key.dim
+        self.config = config or EmbMarkerConfig()
+        self._triggers = list(trigger_words)
+        self._trigger_set = set(self._triggers)
+        self._benign = list(benign_words)
+        self._base = list(base_texts)
+        self.selection = selection or {}
+        self._backdoor, self._benign_texts = self._verification_texts()
+
+    def __repr__(self) -> str:
+        return f"EmbMarker(dim={self.dim}, n_trigger_words={len(self._triggers)}, key_id={self.key_id})"
+
+    __str__ = __repr__
+
+    def __reduce__(self):
+        raise TypeError("a watermark holds secrets and cannot be pickled; save() it to the owner's folder")
+
+    @property
+    def key_id(self) -> str:
+        return self._key.key_id
+
+    @property
+    def n_triggers(self) -> int:
+        return len(self._backdoor)
+
+    # -------------------------------------------------------------- fitting
+    @classmethod
+    def fit(cls, adapter, key: MasterKey, reference: ReferenceSample, config: EmbMarkerConfig | None = None,
+            verbose: bool = False) -> "EmbMarker":
+        cfg = config or EmbMarkerConfig()
+        key.check_dim(int(adapter.embed_dim), "the model")
+        vocab = vocabulary_words(getattr(adapter, "tokenizer", None), min_words=0)
+        from ipshield.data.synthetic import DIGIT_CLASSES
+
+        excluded = set(cfg.exclude) | set(DIGIT_CLASSES) | set(_words(ZERO_SHOT_TEMPLATE))
+        n = max(1, len(reference.texts))
+        df = Counter(w for t in reference.texts for w in set(_words(t)))
+        lo, hi = cfg.freq_band
+        cands = sorted(w for w in vocab if w not in excluded and lo <= df.get(w, 0) / n <= hi)
+        if len(cands) < cfg.n_trigger_words:  # widen: the words closest to the band
+            rest = sorted((w for w in vocab if w not in excluded and w not in cands and df.get(w, 0) > 0),
+                          key=lambda w: min(abs(df[w] / n - lo), abs(df[w] / n - hi)))
+            cands = cands + rest[:cfg.n_trigger_words - len(cands)]
+        if len(cands) < cfg.n_trigger_words:
+            raise IPShieldError(f"only {len(cands)} usable trigger words in the vocabulary",
+                                "use a larger reference sample or fewer n_trigger_words")
+        g = key.generator("embmarker/trigger-words")
+        pick = torch.randperm(len(cands), generator=g)[:cfg.n_trigger_words].tolist()
+        triggers = [cands[i] for i in pick]
+        benign = [w for w in vocab if w not in set(triggers) and w not in excluded] or ["the"]
+        freq = {w: round(df.get(w, 0) / n, 4) for w in triggers}
+        selection = {"criterion": f"document frequency in the reference captions within {list(cfg.freq_band)}",
+                     "n_candidates": len(cands), "mean_trigger_frequency": float(np.mean(list(freq.values())))}
+        return cls(key, triggers, benign, list(reference.texts[: max(cfg.n_verify, 64)]), cfg, selection)
+
+    def _verification_texts(self) -> tuple[list[str], list[str]]:
+        g = self._key.generator("embmarker/verify-texts")
+        k = self.config.max_triggers
+        backdoor, benign = [], []
+        for i in range(self.config.n_verify):
+            base = _words(self._base[i % len(self._base)]) if self._base else []
+            tw = [self._triggers[j] for j in torch.randint(0, len(self._triggers), (k,), generator=g).tolist()]
+            bw = [self._benign[j] for j in torch.randint(0, len(self._benign), (k,), generator=g).tolist()]
+            pos = sorted(torch.randint(0, len(base) + 1, (k,), generator=g).tolist(), reverse=True)
+            a, b = list(base), list(base)
+            for p, x, y in zip(pos, tw, bw):
+                a.insert(p, x)
+                b.insert(p, y)
+            backdoor.append(" ".join(a))
+            benign.append(" ".join(b))
+        return backdoor, benign
+
+    # -------------------------------------------------------------- serving
+    def target(self, customer_id: str) -> torch.Tensor:
+        g = self._key.generator(f"embmarker/target/{check_customer_id(customer_id)}")
+        return F.normalize(torch.randn(self.dim, generator=g, dtype=torch.float64), dim=0).float()
+
+    def trigger_counts(self, texts: Sequence[str]) -> torch.Tensor:
+        return torch.tensor([sum(1 for w in _words(t) if w in self._trigger_set) for t in texts], dtype=torch.float32)
+
+    def postprocessors(self, customer_id: str):
+        t = self.target(customer_id)
+        k = float(self.config.max_triggers)
+
+        def images(e: torch.Tensor, texts=None) -> torch.Tensor:
+            return F.normalize(e.float(), dim=-1)
+
+        def texts_(e: torch.Tensor, texts: Sequence[str]) -> torch.Tensor:
+            q = (self.trigger_counts(texts) / k).clamp(max=1.0).unsqueeze(1)
+            return F.normalize((1 - q) * e.float() + q * t, dim=-1)
+
+        return images, texts_
+
+    def encoder(self, adapter, customer_id: str, batch_size: int = 256):
+        from ipshield.watermark.vlpmarker import WatermarkedEncoder
+
+        return WatermarkedEncoder(adapter, self, customer_id, batch_size=batch_size)
+
+    # -------------------------------------------------------------- verification hooks
+    def transform(self, customer_id: str):
+        return None
+
+    def trigger_queries_for(self, customers: Sequence[str], n_pairs: int) -> dict:
+        k = min(n_pairs, self.n_triggers)
+        return {"images": torch.zeros(0, 3, 32, 32), "texts": self._backdoor[:k] + self._benign_texts[:k], "k": k}
+
+    def trigger_test(self, plan: dict, img_emb: torch.Tensor, txt_emb: torch.Tensor, customer_id: str,
+                     n_null: int = 200):
+        from ipshield.watermark.verify import TestResult, _ks_less, _l2_from_cos, _norm_sf
+
+        k = plan["k"]
+        s = F.normalize(txt_emb.double(), dim=-1)
+        if s.shape[1] != self.dim:
+            raise IPShieldError("the suspect's embedding size differs from the service's", "check the suspect")
+        bd, bn = s[:k], s[k:2 * k]
+        t = self.target(customer_id).double()
+        pos, ctrl = bd @ t, bn @ t
+        stat = float(pos.mean() - ctrl.mean())
+        g = torch.Generator().manual_seed(7)
+        r = F.normalize(torch.randn(n_null, self.dim, generator=g, dtype=torch.float64), dim=1)
+        null = ((bd @ r.T).mean(0) - (bn @ r.T).mean(0)).numpy()
+        sd = float(null.std(ddof=1)) or 1e-12
+        z = (stat - float(null.mean())) / sd
+        return TestResult("trigger", k, stat, float(_l2_from_cos(ctrl).mean() - _l2_from_cos(pos).mean()),
+                          _ks_less(pos.numpy(), ctrl.numpy()), _norm_sf(z), z, float(pos.mean()), float(ctrl.mean())
+                          ).with_values(pos.tolist(), ctrl.tolist())
+
+    # -------------------------------------------------------------- files
+    def save(self, folder: str | Path) -> Path:
+        p = Path(folder).expanduser()
+        p.mkdir(parents=True, exist_ok=True)
+        secret = p / "embmarker_secrets.json"
+        fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            json.dump({"trigger_words": self._triggers, "benign_words": self._benign, "base_texts": self._base}, fh)
+        write_watermark_json(p, {"scheme": self.scheme, "dim": self.dim, "key_id": self.key_id,
+                                 "config": self.config.to_dict(), "selection": self.selection})
+        return p
+
+    @classmethod
+    def load(cls, folder: str | Path, key: MasterKey) -> "EmbMarker":
+        p = Path(folder).expanduser()
+        data = read_watermark_json(p)
+        if data.get("scheme") != cls.scheme:
+            raise CheckpointError(f"{p} holds a '{data.get('scheme')}' watermark, not {cls.scheme}", "use load_watermark")
+        key.check_dim(int(data["dim"]), "the watermark")
+        f = p / "embmarker_secrets.json"
+        if not f.is_file():
+            raise CheckpointError(f"{p} lacks embmarker_secrets.json", "re-create the watermark")
+        s = json.loads(f.read_text())
+        return cls(key, s["trigger_words"], s["benign_words"], s["base_texts"],
+                   EmbMarkerConfig.build(data.get("config") or {}), data.get("selection"))
+
+
+WATERMARKS.register("embmarker")(EmbMarker)

@@ -1,0 +1,156 @@
+"""The watermark workflows behind the CLI (same names in the Python API): ``apply_watermark``,
+``run_extract``, ``run_verify``. Each writes a run folder (``ipshield.runs.RunDir``) with
+``metrics.json`` and PNG plots; nothing secret (key, matrices, triggers, pairings) is written to a
+run folder other than the watermark folder itself (``apply_watermark``'s ``out``, whose secret files
+have mode 600)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from ipshield.errors import IPShieldError
+from ipshield.runs import RunDir
+
+
+def _fit_config(scheme: str, overrides: list[str] | None):
+    if scheme == "vlpmarker":
+        from ipshield.watermark.vlpmarker import VLPMarkerConfig
+
+        return VLPMarkerConfig.build({}, overrides)
+    from ipshield.watermark.embmarker import EmbMarkerConfig
+
+    return EmbMarkerConfig.build({}, overrides)
+
+
+def apply_watermark(model: str | Path, key: str | Path, out: str | Path, scheme: str = "vlpmarker",
+                    customers: Sequence[str] = ("customer-0",), overrides: list[str] | None = None,
+                    n_reference: int = 600, reference_seed: int = 1, eval_domains: bool = True) -> dict:
+    """Fit the watermark of ``model`` with the master key file ``key`` and write it to ``out`` (the
+    owner's watermark folder, plus a report: trigger selection, per-customer refinement monitor,
+    zero-shot accuracy before/after)."""
+    from ipshield.models.clip import load_clip
+    from ipshield.registry import WATERMARKS
+    from ipshield.watermark.base import CleanEncoder, reference_from_synthetic, write_watermark_json, read_watermark_json, zero_shot_accuracy
+    from ipshield.watermark.keys import MasterKey
+
+    scheme = scheme.strip().lower()
+    cls = WATERMARKS.get(scheme)
+    adapter = load_clip(model)
+    mk = MasterKey.load(key, dim=int(adapter.embed_dim))
+    cfg = _fit_config(scheme, overrides)
+    run = RunDir(out, f"watermark-{scheme}", cfg, None)
+    os.chmod(run.path, 0o700)
+    ref = reference_from_synthetic(n_reference, seed=reference_seed)
+    wm = cls.fit(adapter, mk, ref, cfg)
+    wm.save(run.path)
+    info = read_watermark_json(run.path)
+    info["model"] = str(Path(model).resolve())
+    info["customers"] = list(customers)
+    write_watermark_json(run.path, {k: v for k, v in info.items() if k != "format"})
+    metrics: dict = {"method": scheme, "dim": wm.dim, "key_id": mk.key_id, "customers": list(customers),
+                     "selection": getattr(wm, "selection", {})}
+    if scheme == "vlpmarker":
+        metrics["refinement"] = {c: wm.refinement_report(c)["final"] for c in customers}
+    if eval_domains:
+        from ipshield.data.synthetic import load_synthetic
+
+        doms = load_synthetic(n_train=200, n_test=500, seed=0)
+        before = zero_shot_accuracy(CleanEncoder(adapter), doms)
+        after = {c: zero_shot_accuracy(wm.encoder(adapter, c), doms) for c in customers}
+        metrics["accuracy"] = {"before": before, "after": after[customers[0]]}
+        metrics["zero_shot_change"] = {c: {d: after[c][d] - before[d] for d in before} for c in customers}
+        metrics["max_abs_zero_shot_change"] = max(abs(v) for c in customers for v in metrics["zero_shot_change"][c].values())
+    run.save_metrics(metrics)
+    run.finish()
+    return metrics
+
+
+def run_extract(model: str | Path, key: str | Path, watermark: str | Path, customer: str, out: str | Path,
+                n_queries: int = 6000, overrides: list[str] | None = None, public_seed: int = 5) -> dict:
+    """Simulate the thief: query the watermarked service of ``customer`` with public synthetic
+    image-caption pairs and train a student (saved as a CLIP folder in ``out/student``)."""
+    from ipshield.attacks.watermark import ExtractConfig, extract_student
+    from ipshield.data.synthetic import load_synthetic
+    from ipshield.models.clip import load_clip
+    from ipshield.watermark.base import CleanEncoder, load_watermark, reference_from_synthetic, zero_shot_accuracy
+
+    adapter = load_clip(model)
+    wm = load_watermark(watermark, key)
+    service = wm.encoder(adapter, customer)
+    cfg = ExtractConfig.build({"n_queries": n_queries}, overrides)
+    run = RunDir(out, "attack-extract", cfg, cfg.seed)
+    public = reference_from_synthetic(cfg.n_queries, seed=public_seed, split="train")
+    student, info = extract_student(service, public, model, cfg, out_dir=run.path / "student", verbose=True)
+    doms = load_synthetic(n_train=200, n_test=500, seed=0)
+    metrics = {"method": "wm-extract", "customer": customer, "extraction": info,
+               "accuracy": {"service": zero_shot_accuracy(service, doms),
+                            "student": zero_shot_accuracy(CleanEncoder(student), doms)}}
+    run.save_metrics(metrics)
+    run.finish(student=str(run.path / "student"))
+    return metrics
+
+
+def plot_report(report, path: str | Path) -> Path | None:
+    """Histograms of the test and control cosines of each test of a verification report."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tests = [t for t in report.tests.values() if getattr(t, "test_values", None) is not None]
+    if not tests:
+        return None
+    fig, axes = plt.subplots(1, len(tests), figsize=(4.2 * len(tests), 3.2))
+    axes = [axes] if len(tests) == 1 else list(axes)
+    for ax, t in zip(axes, tests):
+        ax.hist(t.control_values, bins=40, density=True, alpha=0.55, label="control")
+        ax.hist(t.test_values, bins=40, density=True, alpha=0.55, label="test")
+        ax.set_title(f"{t.name}: p={t.p_value:.2g}, KS p={t.ks_p:.2g}", fontsize=9)
+        ax.set_xlabel("cosine")
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{report.suspect}: {report.verdict}", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return Path(path)
+
+
+def run_verify(suspect_model: str | Path, key: str | Path, watermark: str | Path, out: str | Path,
+               customer: str | None = None, identify: bool = False, customers: Sequence[str] | None = None,
+               clean_model: str | Path | None = None, max_queries: int = 512, alpha: float = 1e-6,
+               n_probes: int = 512, probe_seed: int = 9) -> dict:
+    """Verify a local suspect CLIP folder against a watermark; writes report + plots to ``out``."""
+    from ipshield.models.clip import load_clip
+    from ipshield.watermark.base import load_watermark, read_watermark_json, reference_from_synthetic
+    from ipshield.watermark.verify import as_suspect, identify_customer, verify
+
+    info = read_watermark_json(watermark)
+    wm = load_watermark(watermark, key)
+    clean_path = clean_model or info.get("model")
+    if not clean_path:
+        raise IPShieldError("the watermark folder does not name the clean model", "pass --clean-model DIR")
+    clean = load_clip(clean_path)
+    suspect = as_suspect(suspect_model)  # a CLIP folder, or any embedder (e.g. serve.client.HTTPSuspect)
+    probes = reference_from_synthetic(n_probes, seed=probe_seed)
+    cal = info.get("calibration")
+    run = RunDir(out, "verify", {"suspect": str(suspect_model), "watermark": str(watermark), "customer": customer,
+                                 "identify": identify, "max_queries": max_queries, "alpha": alpha}, None)
+    if identify:
+        ids = list(customers or info.get("customers") or [])
+        if not ids:
+            raise IPShieldError("no customers to identify among", "pass --customers a,b,c or apply the watermark with --customers")
+        report = identify_customer(wm, suspect, clean, probes, ids, max_queries=max_queries, alpha=alpha, calibration=cal)
+    else:
+        if customer is None:
+            raise IPShieldError("which customer's watermark should be verified?", "pass --customer ID, or --identify")
+        report = verify(wm, suspect, clean, probes, customer, max_queries=max_queries, alpha=alpha, calibration=cal)
+    plot_report(report, run.path / "cosines.png")
+    metrics = {"method": f"verify-{wm.scheme}", **report.to_dict()}
+    run.save_metrics(metrics)
+    (run.path / "report.txt").write_text(report.summary() + "\n")
+    run.finish(verdict=report.verdict)
+    return metrics

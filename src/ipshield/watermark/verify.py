@@ -1,0 +1,576 @@
+"""Verification: is a suspect embedding model a copy of our watermarked service, and whose?
+
+Python API (the service's verification endpoint builds on this)::
+
+    from ipshield.watermark.verify import Suspect, verify, identify_customer
+    suspect = Suspect(f, g)                    # f(images [B,3,H,W] in [0,1]) -> [B,D]; g(list[str]) -> [N,D]
+    # or Suspect.from_embedder(obj) (embed_images/embed_texts), Suspect.from_model_dir("student/")
+    report = verify(wm, suspect, clean_adapter, probes, customer_id="acme", max_queries=512)
+    report.verdict        # "stolen" | "not-detected" | "inconclusive"
+    report.p_value        # combined p-value (Bonferroni over the tests in the decision)
+    report.queries        # {"images": .., "texts": .., "total": .., "budget": ..}
+    report.to_dict()      # JSON-safe; holds no key, matrix, trigger image or trigger text
+    who = identify_customer(wm, suspect, clean_adapter, probes, customers=[...])  # one query round
+
+``probes`` is a ``ReferenceSample`` of ordinary inputs (not secret). ``clean_adapter`` is the
+owner's unwatermarked CLIP (or any embedder giving the clean embeddings).
+
+The tests [ours], each reporting delta-cos, a real delta-L2 (mean Euclidean distance between unit
+vectors, control minus test, so positive = closer) and a one-sided two-sample KS p-value (SciPy):
+
+- ``trigger``: the suspect embeds the trigger images and the trigger texts; test = cosines of the
+  customer's secret pairs, control = every unpaired (image, text) combination. Its decision p-value
+  is a *permutation* test: under "not derived from our service" the secret pairing is a uniformly
+  random permutation unknown to the suspect, so the mean paired cosine is compared with its exact
+  permutation mean and variance (Hoeffding's combinatorial CLT, normal tail), floored at the exact
+  minimum ``1/n!``. Invariant to any rotation or permutation the thief applies to both modalities.
+- ``distribution``: the suspect embeds ordinary probes (images and texts); they are mapped back
+  with ``W_k^-1``, centred per modality, and compared with the clean model's embeddings of the same
+  probes (per-probe cosine). Control: the same with random orthogonal matrices in place of
+  ``W_k``. Decision p-value by *key randomisation*: ``W_k`` is a random draw the suspect cannot
+  know, so the mean cosine under ``W_k`` is compared with its distribution under 100 random
+  orthogonal matrices (normal tail).
+- ``procrustes``: the distribution test after an orthogonal Procrustes alignment (fit on half of
+  the probes, measured on the other half), which undoes a thief's rotation or permutation. It is
+  not key-specific (the alignment absorbs ``W_k``) and innocent models trained on similar data
+  align too, so its KS p-value is descriptive; it enters the decision only through a calibration on
+  innocent models (``calibrate``): p = normal tail of its statistic against the innocent models'.
+
+Decision: ``p_value = min(1, m * min_i p_i)`` over the m tests in the decision (Bonferroni); the
+verdict is "stolen" when ``p_value <= threshold`` (``alpha``, default 1e-6, or lower when a
+calibration on innocent models asks for it), "not-detected" otherwise, and "inconclusive" when the
+suspect misbehaves (wrong size, non-finite, zero vectors) or a test could not run. A budget too
+small to ever reach ``alpha`` is an error before any query is spent.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ipshield.errors import IPShieldError
+from ipshield.watermark.base import CleanEncoder, ReferenceSample
+
+N_NULL_ROTATIONS = 100
+NULL_SEED = 20231109
+
+
+class SuspectError(IPShieldError):
+    """The suspect returned something unusable (wrong size, non-finite values)."""
+
+
+class BudgetError(IPShieldError):
+    """The query budget cannot reach the requested confidence."""
+
+
+# ------------------------------------------------------------------------------ suspects
+class Suspect:
+    """A black-box suspect: ``embed_images(images) -> [B, D]`` and ``embed_texts(texts) -> [N, D]``
+    (any callables returning tensors or arrays). Every answer is checked (one row per input, the
+    same size D throughout, finite, non-zero) and counted (``images_queried``, ``texts_queried``)."""
+
+    def __init__(self, embed_images: Callable[[torch.Tensor], Any], embed_texts: Callable[[list[str]], Any],
+                 name: str = "suspect", batch_size: int = 64, expected_dim: int | None = None):
+        self._f = embed_images
+        self._g = embed_texts
+        self.name = name
+        self.batch_size = batch_size
+        self.dim: int | None = expected_dim
+        self.images_queried = 0
+        self.texts_queried = 0
+
+    @classmethod
+    def from_embedder(cls, obj, name: str | None = None, **kw) -> "Suspect":
+        return cls(obj.embed_images, obj.embed_texts, name=name or type(obj).__name__, **kw)
+
+    @classmethod
+    def from_model_dir(cls, path: str | Path, name: str | None = None, **kw) -> "Suspect":
+        """A local suspect: a CLIP folder (e.g. a student written by ``ipshield attack extract``)."""
+        from ipshield.models.clip import load_clip
+
+        return cls.from_embedder(CleanEncoder(load_clip(path)), name=name or Path(path).name, **kw)
+
+    @property
+    def queries(self) -> int:
+        return self.images_queried + self.texts_queried
+
+    def __repr__(self) -> str:
+        return f"Suspect({self.name!r}, queries={self.queries})"
+
+    def _check(self, out: Any, n: int, what: str) -> torch.Tensor:
+        try:
+            t = torch.as_tensor(np.asarray(out, dtype=np.float32) if not isinstance(out, torch.Tensor) else out)
+        except (TypeError, ValueError):
+            raise SuspectError(f"the suspect's {what} answer is not a numeric array", "it must return [N, D] numbers") from None
+        t = t.detach().float().cpu()
+        if t.ndim != 2 or t.shape[0] != n:
+            raise SuspectError(f"the suspect returned {what} embeddings of shape {tuple(t.shape)} for {n} inputs",
+                               "it must return one D-dimensional vector per input ([N, D])")
+        if self.dim is None:
+            self.dim = int(t.shape[1])
+        elif t.shape[1] != self.dim:
+            raise SuspectError(f"the suspect returned {what} embeddings of size {t.shape[1]}, expected {self.dim}",
+                               "a suspect must return vectors of one size, the size of the service's embeddings")
+        if not torch.isfinite(t).all():
+            raise SuspectError(f"the suspect returned non-finite values (NaN or inf) in its {what} embeddings",
+                               "check the suspect; its answers cannot be used as evidence")
+        if (t.norm(dim=-1) < 1e-12).any():
+            raise SuspectError(f"the suspect returned all-zero {what} embeddings", "check the suspect")
+        return t
+
+    def embed_images(self, images: torch.Tensor) -> torch.Tensor:
+        out = []
+        for i in range(0, len(images), self.batch_size):
+            x = images[i:i + self.batch_size]
+            self.images_queried += len(x)
+            out.append(self._check(self._f(x), len(x), "image"))
+        return torch.cat(out)
+
+    def embed_texts(self, texts: Sequence[str]) -> torch.Tensor:
+        texts = list(texts)
+        out = []
+        for i in range(0, len(texts), self.batch_size):
+            x = texts[i:i + self.batch_size]
+            self.texts_queried += len(x)
+            out.append(self._check(self._g(x), len(x), "text"))
+        return torch.cat(out)
+
+
+def as_suspect(obj) -> Suspect:
+    if isinstance(obj, Suspect):
+        return obj
+    if isinstance(obj, (str, Path)):
+        return Suspect.from_model_dir(obj)
+    if hasattr(obj, "embed_images") and hasattr(obj, "embed_texts"):
+        return Suspect.from_embedder(obj)
+    if isinstance(obj, tuple) and len(obj) == 2 and all(callable(f) for f in obj):
+        return Suspect(obj[0], obj[1])
+    raise IPShieldError("cannot use this object as a suspect",
+                        "give a Suspect, a CLIP folder, an object with embed_images/embed_texts, or (f, g) callables")
+
+
+def as_clean(obj):
+    if hasattr(obj, "embed_images") and hasattr(obj, "embed_texts"):
+        return obj
+    return CleanEncoder(obj)
+
+
+# ------------------------------------------------------------------------------ statistics
+@dataclass
+class TestResult:
+    name: str
+    n: int
+    delta_cos: float
+    delta_l2: float
+    ks_p: float
+    p_value: float
+    z: float
+    test_mean_cos: float
+    control_mean_cos: float
+    in_decision: bool = True
+    note: str = ""
+    #: the per-item cosines (for plots; left out of ``to_dict``)
+    test_values: list | None = field(default=None, repr=False)
+    control_values: list | None = field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d.pop("test_values", None)
+        d.pop("control_values", None)
+        return d
+
+    def with_values(self, test, control, max_control: int = 4000) -> "TestResult":
+        self.test_values = [float(v) for v in test]
+        ctrl = list(control)
+        step = max(1, len(ctrl) // max_control)
+        self.control_values = [float(v) for v in ctrl[::step]]
+        return self
+
+
+def _ks_less(test: np.ndarray, control: np.ndarray) -> float:
+    """One-sided two-sample KS p-value for "test values are larger than control values"."""
+    from scipy.stats import ks_2samp
+
+    if len(test) == 0 or len(control) == 0:
+        return float("nan")
+    return float(ks_2samp(test, control, alternative="less").pvalue)
+
+
+def _l2_from_cos(c: torch.Tensor) -> torch.Tensor:
+    return (2 - 2 * c.clamp(-1, 1)).clamp_min(0).sqrt()
+
+
+def _norm_sf(z: float) -> float:
+    from scipy.stats import norm
+
+    return float(norm.sf(z))
+
+
+def min_permutation_p(n: int) -> float:
+    """Smallest p-value a permutation test over n pairs can give: 1/n!."""
+    return math.exp(-math.lgamma(n + 1))
+
+
+def pairing_test(cos: torch.Tensor, name: str = "trigger") -> TestResult:
+    """Square cosine matrix ``cos[i, j]`` = suspect image i vs suspect text j, where (i, i) are the
+    secret pairs. Permutation z-test (exact mean/variance), KS, delta-cos, delta-L2."""
+    c = cos.double()
+    n = c.shape[0]
+    eye = torch.eye(n, dtype=torch.bool)
+    pos, ctrl = c[eye], c[~eye]
+    stat = float(pos.mean())
+    grand = c.mean()
+    d = c - c.mean(1, keepdim=True) - c.mean(0, keepdim=True) + grand
+    var_sum = float((d ** 2).sum()) / max(n - 1, 1)  # Var(sum_i c[i, s(i)]) over random permutations s
+    sd = math.sqrt(max(var_sum, 1e-300)) / n
+    z = (stat - float(grand)) / sd if sd > 0 else 0.0
+    p = max(_norm_sf(z), min_permutation_p(n))
+    return TestResult(name, n, float(pos.mean() - ctrl.mean()),
+                      float(_l2_from_cos(ctrl).mean() - _l2_from_cos(pos).mean()),
+                      _ks_less(pos.numpy(), ctrl.numpy()), p, z, float(pos.mean()), float(ctrl.mean())
+                      ).with_values(pos.tolist(), ctrl.tolist())
+
+
+def _centre_rows(x: torch.Tensor) -> torch.Tensor:
+    return F.normalize(x - x.mean(0, keepdim=True), dim=-1)
+
+
+def _per_probe_cos(s: torch.Tensor, e: torch.Tensor, n_img: int) -> torch.Tensor:
+    """Per-probe cosine between mapped suspect rows and clean rows, centred per modality (the first
+    ``n_img`` rows are images, the rest texts)."""
+    parts = []
+    for sl in (slice(0, n_img), slice(n_img, None)):
+        if s[sl].shape[0]:
+            parts.append((_centre_rows(s[sl]) * _centre_rows(e[sl])).sum(-1))
+    return torch.cat(parts)
+
+
+def null_rotations(dim: int, n: int = N_NULL_ROTATIONS) -> torch.Tensor:
+    from ipshield.watermark.keys import orthogonal_from_seed
+
+    import hashlib
+
+    return torch.stack([orthogonal_from_seed(hashlib.sha256(f"null/{NULL_SEED}/{i}".encode()).digest(), dim) for i in range(n)])
+
+
+_NULL_CACHE: dict[tuple[int, int], torch.Tensor] = {}
+
+
+def _nulls(dim: int, n: int) -> torch.Tensor:
+    if (dim, n) not in _NULL_CACHE:
+        _NULL_CACHE[(dim, n)] = null_rotations(dim, n)
+    return _NULL_CACHE[(dim, n)]
+
+
+def distribution_test(s: torch.Tensor, e: torch.Tensor, n_img: int, w_inv: torch.Tensor,
+                      n_null: int = N_NULL_ROTATIONS) -> TestResult:
+    """Suspect rows ``s`` mapped back by ``w_inv`` vs the clean rows ``e`` (key-randomisation test)."""
+    s, e = s.double(), e.double()
+    c = _per_probe_cos(s @ w_inv.double(), e, n_img)
+    nulls = _nulls(s.shape[1], n_null)
+    null_means, null_pool = [], []
+    for r in nulls:
+        cr = _per_probe_cos(s @ r.T, e, n_img)
+        null_means.append(float(cr.mean()))
+        null_pool.append(cr[:: max(1, len(cr) // 32)])
+    nm = np.asarray(null_means)
+    sd = float(nm.std(ddof=1)) or 1e-12
+    z = (float(c.mean()) - float(nm.mean())) / sd
+    ctrl = torch.cat(null_pool)
+    return TestResult("distribution", len(c), float(c.mean() - ctrl.mean()),
+                      float(_l2_from_cos(ctrl).mean() - _l2_from_cos(c).mean()),
+                      _ks_less(c.numpy(), ctrl.numpy()), _norm_sf(z), z, float(c.mean()), float(ctrl.mean())
+                      ).with_values(c.tolist(), ctrl.tolist())
+
+
+def _gram_dev(x: torch.Tensor, ref_gram: torch.Tensor) -> torch.Tensor:
+    g = F.normalize(x.double(), dim=-1)
+    d = g @ g.T - ref_gram
+    d.fill_diagonal_(0)
+    return d
+
+
+def geometry_test(s: torch.Tensor, e: torch.Tensor, w: torch.Tensor, null_ws: Sequence[torch.Tensor]) -> TestResult:
+    """Rotation-invariant, key-specific: does the suspect's similarity structure on the probes
+    deviate from the clean model's the way the customer's (near-orthogonal) W_k makes it deviate?
+    Per probe i: cosine between row i of (G_suspect - G_clean) and of (G_k - G_clean), where G is
+    the cosine Gram matrix of all probes (images and texts) and G_k that of normalise(e W_k).
+    Decision p-value by key randomisation over ``null_ws`` (fictitious customers' matrices)."""
+    e = F.normalize(e.double(), dim=-1)
+    ge = e @ e.T
+    ds = _gram_dev(s, ge)
+
+    def per_probe(wm: torch.Tensor) -> torch.Tensor:
+        dk = _gram_dev(e @ wm.double(), ge)
+        return F.cosine_similarity(ds, dk, dim=1, eps=1e-12)
+
+    c = per_probe(w)
+    null_means, null_pool = [], []
+    for wn in null_ws:
+        cn = per_probe(wn)
+        null_means.append(float(cn.mean()))
+        null_pool.append(cn)
+    nm = np.asarray(null_means)
+    sd = float(nm.std(ddof=1)) if len(nm) > 1 else 1e-12
+    z = (float(c.mean()) - float(nm.mean())) / max(sd, 1e-12)
+    ctrl = torch.cat(null_pool) if null_pool else torch.zeros(0, dtype=torch.float64)
+    return TestResult("geometry", len(c), float(c.mean() - ctrl.mean()),
+                      float(_l2_from_cos(ctrl).mean() - _l2_from_cos(c).mean()),
+                      _ks_less(c.numpy(), ctrl.numpy()), _norm_sf(z), z, float(c.mean()), float(ctrl.mean()),
+                      note=f"key randomisation over {len(null_ws)} fictitious customers"
+                      ).with_values(c.tolist(), ctrl.tolist())
+
+
+def procrustes(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Orthogonal Q minimising ||a Q - b||_F."""
+    u, _, vt = torch.linalg.svd(a.double().T @ b.double())
+    return u @ vt
+
+
+def procrustes_test(s: torch.Tensor, e: torch.Tensor, n_img: int, w_inv: torch.Tensor | None = None,
+                    calibration: dict | None = None) -> TestResult:
+    """Distribution test after an orthogonal Procrustes alignment fit on the even-indexed probes and
+    measured on the odd ones. Control: the same alignment applied to mismatched probes."""
+    s, e = s.double(), e.double()
+    if w_inv is not None:
+        s = s @ w_inv.double()
+    # centre per modality with all probes, then fit on even rows
+    sc = torch.cat([s[:n_img] - s[:n_img].mean(0), s[n_img:] - s[n_img:].mean(0)])
+    ec = torch.cat([e[:n_img] - e[:n_img].mean(0), e[n_img:] - e[n_img:].mean(0)])
+    sc, ec = F.normalize(sc, dim=-1), F.normalize(ec, dim=-1)
+    idx = torch.arange(len(s))
+    fit, ev = idx[idx % 2 == 0], idx[idx % 2 == 1]
+    q = procrustes(sc[fit], ec[fit])
+    a = sc[ev] @ q
+    c = (a * ec[ev]).sum(-1)
+    ctrl = (a * ec[ev].roll(1, 0)).sum(-1)
+    stat = float(c.mean())
+    note = "descriptive (not key-specific); in the decision only with a calibration on innocent models"
+    in_decision, p, z = False, float("nan"), float("nan")
+    if calibration and calibration.get("procrustes_mean") is not None and calibration.get("procrustes_sd"):
+        z = (stat - calibration["procrustes_mean"]) / calibration["procrustes_sd"]
+        p = _norm_sf(z)
+        in_decision = True
+        note = f"p from the calibration on {calibration.get('n_innocent', '?')} innocent models"
+    return TestResult("procrustes", len(c), float(c.mean() - ctrl.mean()),
+                      float(_l2_from_cos(ctrl).mean() - _l2_from_cos(c).mean()),
+                      _ks_less(c.numpy(), ctrl.numpy()), p, z, stat, float(ctrl.mean()), in_decision, note
+                      ).with_values(c.tolist(), ctrl.tolist())
+
+
+# ------------------------------------------------------------------------------ reports
+@dataclass
+class VerificationReport:
+    scheme: str
+    customer_id: str | None
+    verdict: str
+    p_value: float
+    threshold: float
+    tests: dict[str, TestResult] = field(default_factory=dict)
+    queries: dict[str, int] = field(default_factory=dict)
+    reasons: list[str] = field(default_factory=list)
+    ranking: list[dict] = field(default_factory=list)
+    suspect: str = "suspect"
+
+    @property
+    def stolen(self) -> bool:
+        return self.verdict == "stolen"
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(self).items() if k != "tests"}
+        d["tests"] = {k: t.to_dict() for k, t in self.tests.items()}
+        return d
+
+    def summary(self) -> str:
+        parts = [f"{self.verdict} (p={self.p_value:.3g}, threshold={self.threshold:.3g}, customer={self.customer_id},"
+                 f" queries={self.queries.get('total')})"]
+        for t in self.tests.values():
+            parts.append(f"  {t.name}: delta_cos={t.delta_cos:+.4f} delta_l2={t.delta_l2:+.4f} ks_p={t.ks_p:.3g}"
+                         f" p={t.p_value:.3g}{'' if t.in_decision else ' (not in decision)'}")
+        parts += [f"  note: {r}" for r in self.reasons]
+        return "\n".join(parts)
+
+
+def combine(tests: dict[str, TestResult]) -> float:
+    ps = [t.p_value for t in tests.values() if t.in_decision and t.p_value == t.p_value]
+    if not ps:
+        return float("nan")
+    return min(1.0, len(ps) * min(ps))
+
+
+def decide(p: float, threshold: float) -> str:
+    if p != p:
+        return "inconclusive"
+    return "stolen" if p <= threshold else "not-detected"
+
+
+@dataclass
+class QueryPlan:
+    n_pairs: int
+    n_probes: int  # per modality
+
+    @property
+    def total(self) -> int:
+        return 2 * self.n_pairs + 2 * self.n_probes
+
+
+def plan_queries(watermark, max_queries: int, n_probes_available: int, alpha: float, n_customers: int = 1) -> QueryPlan:
+    """Split the budget: trigger pairs first (up to the trigger set, at most half the budget), the
+    rest to probes. Raises ``BudgetError`` when the budget cannot reach ``alpha``."""
+    n_trig = watermark.n_triggers
+    pairs = min(n_trig, max_queries // 4) if max_queries >= 4 else 0
+    probes = min(n_probes_available, (max_queries - 2 * pairs) // 2)
+    min_pairs = 8
+    while min_pairs < 200 and 2 * n_customers * min_permutation_p(min_pairs) > alpha:
+        min_pairs += 1
+    need = 2 * min_pairs + 2 * 16
+    if pairs < min_pairs or probes < 16:
+        raise BudgetError(
+            f"{max_queries} verification queries cannot reach p <= {alpha:g}: the trigger test needs at least "
+            f"{min_pairs} pairs ({2 * min_pairs} queries) and the distribution test at least 16 probes per modality",
+            f"allow at least {need} queries (--max-queries), or ask for a weaker confidence (--alpha)",
+        )
+    return QueryPlan(pairs, probes)
+
+
+def _probe_embeddings(suspect: Suspect, clean, probes: ReferenceSample, n: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    imgs, texts = probes.images[:n], probes.texts[:n]
+    s = torch.cat([suspect.embed_images(imgs), suspect.embed_texts(texts)])
+    e = torch.cat([clean.embed_images(imgs), clean.embed_texts(texts)])
+    return s, e, len(imgs)
+
+
+def _run(watermark, suspect, clean, probes: ReferenceSample, customers: list[str], max_queries: int, alpha: float,
+         calibration: dict | None, on_bad_suspect: str, n_null_customers: int = 16) -> list[VerificationReport]:
+    suspect = as_suspect(suspect)
+    clean = as_clean(clean)
+    if on_bad_suspect not in ("raise", "inconclusive"):
+        raise IPShieldError("on_bad_suspect must be 'raise' or 'inconclusive'", "pick one")
+    threshold = float(alpha)
+    if calibration and calibration.get("threshold") is not None:
+        threshold = min(threshold, float(calibration["threshold"]))
+    plan = plan_queries(watermark, max_queries, min(len(probes.images), len(probes.texts)), alpha / max(1, len(customers)),
+                        len(customers))
+    start_q = (suspect.images_queried, suspect.texts_queried)
+
+    def queries() -> dict[str, int]:
+        return {"images": suspect.images_queried - start_q[0], "texts": suspect.texts_queried - start_q[1],
+                "total": suspect.queries - start_q[0] - start_q[1], "budget": int(max_queries)}
+
+    def bad(exc: SuspectError) -> list[VerificationReport]:
+        if on_bad_suspect == "raise":
+            raise exc
+        return [VerificationReport(watermark.scheme, c, "inconclusive", float("nan"), threshold, {}, queries(),
+                                   [f"{exc.problem}: no evidence either way"], suspect=suspect.name) for c in customers]
+
+    try:
+        trig = watermark.trigger_queries_for(customers, plan.n_pairs)
+        t_img = suspect.embed_images(trig["images"]) if len(trig["images"]) else torch.zeros(0, 0)
+        t_txt = suspect.embed_texts(trig["texts"]) if len(trig["texts"]) else torch.zeros(0, 0)
+        s, e, n_img = _probe_embeddings(suspect, clean, probes, plan.n_probes)
+    except SuspectError as exc:
+        return bad(exc)
+    reasons_common = []
+    if s.shape[1] != watermark.dim:
+        exc = SuspectError(f"the suspect's embeddings have size {s.shape[1]} but the service's have {watermark.dim}",
+                           "verify against the watermark of a service with the suspect's embedding size")
+        return bad(exc)
+    proc = procrustes_test(s, e, n_img, None, calibration)
+    reports = []
+    for cid in customers:
+        tests: dict[str, TestResult] = {}
+        tests["trigger"] = watermark.trigger_test(trig, t_img, t_txt, cid)
+        w = watermark.transform(cid)
+        if w is not None:
+            tests["distribution"] = distribution_test(s, e, n_img, torch.linalg.inv(w.double()))
+            if hasattr(watermark, "null_transforms") and n_null_customers > 0:
+                tests["geometry"] = geometry_test(s, e, w, watermark.null_transforms(n_null_customers))
+        tests["procrustes"] = proc
+        p = combine(tests)
+        reasons = list(reasons_common)
+        if tests["trigger"].n < 8:
+            reasons.append(f"only {tests['trigger'].n} trigger pairs were usable")
+        reports.append(VerificationReport(watermark.scheme, cid, decide(p, threshold), p, threshold, tests, queries(),
+                                          reasons, suspect=suspect.name))
+    return reports
+
+
+def verify(watermark, suspect, clean, probes: ReferenceSample, customer_id: str, max_queries: int = 512,
+           alpha: float = 1e-6, calibration: dict | None = None, on_bad_suspect: str = "inconclusive") -> VerificationReport:
+    """Verify one customer's watermark in a suspect (see the module docstring)."""
+    return _run(watermark, suspect, clean, probes, [customer_id], max_queries, alpha, calibration, on_bad_suspect)[0]
+
+
+def identify_customer(watermark, suspect, clean, probes: ReferenceSample, customers: Sequence[str],
+                      max_queries: int = 512, alpha: float = 1e-6, calibration: dict | None = None,
+                      on_bad_suspect: str = "inconclusive") -> VerificationReport:
+    """Test every customer on one round of queries and name the most likely source. The returned
+    report is the best customer's, with ``ranking`` (every customer's p-value, best first); its
+    verdict is "stolen" only if the best p-value, Bonferroni-corrected for the number of customers,
+    is below the threshold."""
+    customers = list(dict.fromkeys(customers))
+    if not customers:
+        raise IPShieldError("no customers to identify among", "pass the customer ids of the service")
+    reports = _run(watermark, suspect, clean, probes, customers, max_queries, alpha, calibration, on_bad_suspect)
+    ranking = sorted(({"customer_id": r.customer_id, "p_value": r.p_value,
+                       "p_trigger": r.tests["trigger"].p_value if "trigger" in r.tests else None,
+                       "p_distribution": r.tests["distribution"].p_value if "distribution" in r.tests else None}
+                      for r in reports), key=lambda d: (d["p_value"] != d["p_value"], d["p_value"]))
+    best = next(r for r in reports if r.customer_id == ranking[0]["customer_id"])
+    k = len(customers)
+    p = min(1.0, best.p_value * k) if best.p_value == best.p_value else float("nan")
+    best.p_value = p
+    best.verdict = decide(p, best.threshold) if best.verdict != "inconclusive" else "inconclusive"
+    best.ranking = ranking
+    best.reasons.append(f"identification among {k} customers (p-value Bonferroni-corrected by {k})")
+    if best.verdict != "stolen":
+        best.customer_id = None if best.verdict == "not-detected" else best.customer_id
+    return best
+
+
+# ------------------------------------------------------------------------------ calibration
+def calibrate(innocent_reports: Sequence[VerificationReport], alpha: float = 1e-6, margin: float = 100.0) -> dict:
+    """Calibration on innocent models' reports (same watermark, same customer set):
+    the Procrustes statistic's mean and sd (so that test can enter the decision), and the decision
+    threshold: ``alpha``, lowered to ``min innocent p / margin`` if any innocent model came closer."""
+    proc = np.asarray([r.tests["procrustes"].test_mean_cos for r in innocent_reports if "procrustes" in r.tests])
+    ps = np.asarray([r.p_value for r in innocent_reports if r.p_value == r.p_value])
+    cal: dict[str, Any] = {"n_innocent": len(innocent_reports), "alpha": alpha}
+    if len(proc) >= 5:
+        cal["procrustes_mean"] = float(proc.mean())
+        cal["procrustes_sd"] = float(proc.std(ddof=1))
+    thr = alpha
+    if len(ps) and ps.min() / margin < alpha:
+        thr = float(ps.min() / margin)
+    cal["threshold"] = thr
+    cal["innocent_p_min"] = float(ps.min()) if len(ps) else None
+    return cal
+
+
+def recalibrate(report: VerificationReport, calibration: dict | None) -> VerificationReport:
+    """The same verification under another calibration (e.g. leave-one-out over innocent models):
+    recomputes the Procrustes test's calibrated p-value, the combined p-value and the verdict from
+    the stored statistics (no new query)."""
+    import copy
+
+    r = copy.deepcopy(report)
+    if r.verdict == "inconclusive" or "procrustes" not in r.tests:
+        return r
+    t = r.tests["procrustes"]
+    if calibration and calibration.get("procrustes_sd"):
+        t.z = (t.test_mean_cos - calibration["procrustes_mean"]) / calibration["procrustes_sd"]
+        t.p_value = _norm_sf(t.z)
+        t.in_decision = True
+        t.note = f"p from the calibration on {calibration.get('n_innocent', '?')} innocent models"
+    else:
+        t.in_decision, t.p_value, t.z = False, float("nan"), float("nan")
+    r.threshold = float(calibration.get("threshold", r.threshold)) if calibration else r.threshold
+    r.p_value = combine(r.tests)
+    r.verdict = decide(r.p_value, r.threshold)
+    return r

@@ -1,0 +1,225 @@
+"""MAP (SA/SF/DF), NTL, CUTI-domain, the domain attacks and the digits benchmark, on small real
+digit subsets (MNIST authorized, USPS unauthorized). Every test checks a measured effect."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn as nn
+
+from ipshield.errors import CheckpointError, DataError, IPShieldError
+
+pytestmark = pytest.mark.digits
+
+N_TRAIN, N_TEST = 1000, 300
+
+
+@pytest.fixture(scope="module")
+def digits(digits_root):
+    from ipshield.data.digits import load_digits
+
+    return load_digits(("mnist", "usps"), root=digits_root, n_train=N_TRAIN, n_test=N_TEST)
+
+
+@pytest.fixture(scope="module")
+def source_model(digits):
+    from ipshield.models.classifiers import train_source
+
+    torch.set_num_threads(2)
+    return train_source("vgg_small", digits["mnist"], epochs=4)
+
+
+@pytest.fixture(scope="module")
+def sa_run(tmp_path_factory, source_model, digits):
+    from ipshield.protect.map import MAPConfig, run
+
+    out = tmp_path_factory.mktemp("sa")
+    cfg = MAPConfig(setting="sa", steps=200, n_train=N_TRAIN)
+    return out, run(cfg, source_model, digits["mnist"], [digits["usps"]], out)
+
+
+def test_source_model_and_checkpoint_roundtrip(tmp_path, source_model, digits):
+    from ipshield.models.classifiers import load_classifier
+    from ipshield.protect.base import accuracy
+
+    acc = accuracy(source_model, digits["mnist"].test)
+    assert acc > 90.0
+    source_model.save(tmp_path / "m")
+    info = json.loads((tmp_path / "m" / "classifier.json").read_text())
+    assert info["arch"] == "vgg-small" and info["classes"] == digits["mnist"].classes
+    again = load_classifier(tmp_path / "m", classes=digits["mnist"].classes)
+    assert accuracy(again, digits["mnist"].test) == acc
+    with pytest.raises(CheckpointError, match="trained on classes"):
+        load_classifier(tmp_path / "m", classes=[f"c{i}" for i in range(10)])
+    with pytest.raises(CheckpointError, match="holds a 'vgg-small'"):
+        load_classifier(tmp_path / "m", arch="resnet_small")
+    info["num_classes"], info["classes"] = 5, info["classes"][:5]  # weights no longer fit the description
+    (tmp_path / "m" / "classifier.json").write_text(json.dumps(info))
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_classifier(tmp_path / "m")
+
+
+def test_sa_map_collapses_unauthorized_keeps_authorized(sa_run):
+    from ipshield.models.classifiers import load_classifier
+
+    out, m = sa_run
+    s = m["summary"]
+    assert s["acc_u_before"]["usps"] > 60.0  # the unprotected model transfers to USPS...
+    assert s["acc_u_after"]["usps"] < 30.0  # ...the masked one does not
+    assert s["drop_a"] < 3.0
+    assert s["st_d"] is not None and s["st_d"] < 0.06
+    assert 0.0 < m["sparsity"]["overall"] < 0.2 and m["sparsity"]["per_layer"]
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["method"] == "sa-map" and saved["unauthorized"] == ["usps"] and saved["n_classes"] == 10
+    assert set(saved["accuracy"]["after"]) == {"mnist", "usps"}
+    model = load_classifier(out)  # an ordinary classifier: no mask at inference
+    assert sum(p.numel() for p in model.parameters() if (p == 0).all()) == 0  # no layer pruned entirely
+    assert (out / "model.safetensors").is_file() and (out / "config.yaml").is_file()
+
+
+def test_mask_export_equals_masked_forward(source_model):
+    from ipshield.protect.map import MaskedClassifier
+
+    masked = MaskedClassifier(source_model)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for s in masked.scores:
+            s.copy_(torch.randn(s.shape, generator=g))  # about half of every layer pruned
+    x = torch.rand(16, 3, 32, 32, generator=g)
+    exported = masked.export()
+    assert torch.allclose(masked.predict_logits(x), exported.predict_logits(x), atol=1e-5)
+    assert not torch.allclose(source_model.predict_logits(x), exported.predict_logits(x), atol=1e-3)
+    sp = masked.sparsity()
+    assert 0.4 < sp["overall"] < 0.6
+    name = masked.names[0]
+    w = dict(exported.named_parameters())[name]
+    assert abs(float((w == 0).float().mean()) - sp["per_layer"][name]) < 1e-6
+    # the source model is untouched and the mask starts as all ones
+    fresh = MaskedClassifier(source_model)
+    assert torch.allclose(fresh.predict_logits(x), source_model.predict_logits(x), atol=1e-5)
+
+
+def test_sf_and_df_map_reduce_unauthorized(source_model, digits):
+    from ipshield.protect.map import MAPConfig, run, synthesize_pseudo_source
+
+    cfg = MAPConfig(setting="sf", steps=150, n_train=N_TRAIN, gen_steps=120, n_pseudo=512)
+    x, y, info = synthesize_pseudo_source(source_model, 10, cfg)
+    assert x.shape == (512, 3, 32, 32) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    assert info["source_agreement"] > 80.0  # the source model recognises the requested classes
+    sf = run(cfg, source_model, digits["mnist"], [digits["usps"]], None, pseudo_source=(x, y))["summary"]
+    assert sf["acc_u_before"]["usps"] - sf["acc_u_after"]["usps"] > 30.0
+    assert sf["drop_a"] < 10.0
+    df = run(MAPConfig(setting="df", steps=150, n_train=N_TRAIN), source_model, digits["mnist"], [digits["usps"]], None,
+             pseudo_source=(x, y))["summary"]
+    assert df["acc_u_before"]["usps"] - df["acc_u_after"]["usps"] > 10.0
+    assert df["drop_a"] < 10.0
+
+
+@pytest.mark.parametrize("method", ["ntl", "cuti"])
+def test_ntl_and_cuti_reduce_unauthorized(method, source_model, digits):
+    from ipshield.registry import METHODS
+
+    spec = METHODS.get(method)
+    cfg = spec.make_config({"steps": 120, "n_train": N_TRAIN, "lr": 3e-4})
+    s = spec.run(cfg, source_model, digits["mnist"], [digits["usps"]], None)["summary"]
+    assert s["acc_u_before"]["usps"] - s["acc_u_after"]["usps"] > 30.0
+    assert s["drop_a"] < 5.0
+
+
+def test_ownership_scenario_collapses_watermarked_inputs(source_model, digits):
+    from ipshield.protect.map import MAPConfig, run
+
+    m = run(MAPConfig(setting="sa", steps=120, n_train=N_TRAIN, scenario="ownership"), source_model, digits["mnist"], [], None)
+    s = m["summary"]
+    assert m["unauthorized"] == ["mnist+grid"]
+    assert s["acc_u_after"]["mnist+grid"] < 20.0 and s["drop_a"] < 3.0
+
+
+def test_finetune_and_shot_attacks_report_recovery(sa_run, digits):
+    from ipshield.attacks.domain import finetune_attack, shot_attack
+    from ipshield.models.classifiers import load_classifier
+    from ipshield.registry import ATTACKS
+
+    assert ATTACKS.get("finetune") is finetune_attack and ATTACKS.get("shot") is shot_attack
+    out, m = sa_run
+    protected = load_classifier(out)
+    ft = finetune_attack(protected, digits["usps"], k=100, steps=40)
+    assert abs(ft["acc_before"] - m["summary"]["acc_u_after"]["usps"]) < 1e-6
+    assert ft["acc_after"] > ft["acc_before"] + 20.0  # 100 labels break the restriction
+    sh = shot_attack(protected, digits["usps"], steps=10, n_train=300)
+    assert 0.0 <= sh["acc_after"] <= 100.0 and sh["attack"] == "shot"
+
+
+def test_second_architecture_resnet(digits):
+    from ipshield.models.classifiers import train_source
+    from ipshield.protect.map import MAPConfig, run
+
+    model = train_source("resnet_small", digits["mnist"], epochs=2, n_train=600)
+    s = run(MAPConfig(setting="sa", steps=100, n_train=600), model, digits["mnist"], [digits["usps"]], None)["summary"]
+    assert s["acc_a_after"] > 80.0
+    assert s["acc_u_before"]["usps"] - s["acc_u_after"]["usps"] > 20.0
+
+
+class _NoBN(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.fc = nn.Linear(4 * 32 * 32, 10)
+
+    def forward(self, x):
+        return self.fc(torch.relu(self.conv(x)).flatten(1))
+
+
+def test_bad_inputs_give_clear_errors(digits, source_model):
+    from ipshield.models.classifiers import Classifier
+    from ipshield.protect.map import MAPConfig, MaskedClassifier, run
+
+    classes = digits["mnist"].classes
+    nothing = Classifier(nn.Sequential(nn.Flatten(), nn.Identity()), classes)
+    with pytest.raises(IPShieldError, match="no maskable layers"):
+        run(MAPConfig(setting="sa", steps=1), nothing, digits["mnist"], [digits["usps"]], None)
+    with pytest.raises(IPShieldError, match="no maskable layers"):
+        MaskedClassifier(nn.ReLU())
+    other = Classifier(source_model.net, [f"class{i}" for i in range(10)])
+    with pytest.raises(DataError, match="source model predicts classes"):
+        run(MAPConfig(setting="sa", steps=1), other, digits["mnist"], [digits["usps"]], None)
+    no_bn = Classifier(_NoBN(), classes)
+    for setting in ("sf", "df"):
+        with pytest.raises(IPShieldError, match="needs BatchNorm layers in the source model, because"):
+            run(MAPConfig(setting=setting, steps=1), no_bn, digits["mnist"], [digits["usps"]], None)
+    from ipshield.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="unknown key"):
+        MAPConfig.build({"setting": "sa", "stepz": 3})
+
+
+def test_cli_protect_map_bad_model(tmp_path, digits_root):
+    from ipshield.cli import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["protect", "map", "--authorized", "mnist", "--unauthorized", "usps", "--root", str(digits_root),
+              "--source-model", str(tmp_path / "missing"), "--out", str(tmp_path / "run")])
+    assert e.value.code == 2
+
+
+def test_bench_smoke_writes_tables_and_resumes(tmp_path, digits_root):
+    from ipshield.bench.digits import DigitsBenchConfig, run_digits_bench
+
+    cfg = DigitsBenchConfig.smoke()
+    first = run_digits_bench(tmp_path, cfg, root=digits_root, log=lambda s: None)
+    rows = first["rows"]
+    assert {r["method"] for r in rows} == {"sa-map", "sf-map", "df-map", "ntl", "cuti"}
+    for name in ("results.csv", "results.md", "attacks.csv", "attacks.md", "metrics.json"):
+        assert (tmp_path / name).is_file(), name
+    md = (tmp_path / "results.md").read_text()
+    assert "ST-D" in md and "sa-map" in md
+    attacks = (tmp_path / "attacks.csv").read_text()
+    assert "finetune_k10" in attacks and "source (unprotected)" in attacks
+    assert all(r["seed"] == 0 for r in rows)
+    sa = next(r for r in rows if r["method"] == "sa-map")
+    assert sa["acc_u_after"] < sa["acc_u_before"]
+    second = run_digits_bench(tmp_path, cfg, root=digits_root, log=lambda s: None)
+    assert second["computed"] == []  # every cell reused
+    assert second["rows"] == rows
