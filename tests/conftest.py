@@ -19,6 +19,27 @@ def digits_root() -> Path:
     return path
 
 
+# The small CLIP of the test preset is pretrained once and cached; by default the cache lives in
+# the repository (.cache/, git-ignored) so one CI run or one developer's sessions reuse it.
+os.environ.setdefault("IPSHIELD_CACHE", str(Path(__file__).resolve().parents[1] / ".cache"))
+
+
+@pytest.fixture(scope="session")
+def small_clip_dir() -> Path:
+    """The folder of the small CLIP of the "test" preset (pretrained on first use, then cached)."""
+    from ipshield.models.tiny_clip import small_clip as _small_clip
+
+    return _small_clip("test", show_progress=False)
+
+
+@pytest.fixture(scope="session")
+def small_clip(small_clip_dir):
+    """The test-preset small CLIP loaded as a frozen ``CLIPAdapter``."""
+    from ipshield.models.clip import load_clip
+
+    return load_clip(small_clip_dir)
+
+
 @pytest.fixture(scope="session")
 def synthetic_domains():
     """A small result of ``load_synthetic`` (all styles, 200 train / 100 test images each)."""

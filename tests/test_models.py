@@ -15,6 +15,10 @@ from ipshield.models.clip import CLIPAdapter, load_clip
 from ipshield.models.testing import make_random_clip
 from ipshield.models.tiny_clip import EOS_ID, build_tokenizer
 
+#: the lowest zero-shot accuracy (percent) required of the test preset on every synthetic style
+#: (chance is 10%; measured values and the margin are in docs/models.md)
+TEST_PRESET_MIN = 40.0
+
 PROMPTS = [
     "a photo of the digit zero.",
     "nine",
@@ -242,3 +246,117 @@ def test_random_vit_b16_shaped_checkpoint(tmp_path):
         ids = clip.tokenize(["a photo of the digit one."])
         torch.testing.assert_close(clip.encode_text(ids, normalize=False), _hf_text(clip, ids), atol=1e-4, rtol=1e-4)
     assert feats.shape == (2, 512) and len(layers) == 12 and layers[0].shape == (2, 197, 768)
+
+
+# --------------------------------------------------------------------------- small CLIP: recipe pieces
+def test_multi_positive_loss_matches_a_loop():
+    from ipshield.models.tiny_clip import multi_positive_contrastive_loss
+
+    g = torch.Generator().manual_seed(0)
+    f = torch.nn.functional.normalize(torch.randn(7, 5, generator=g), dim=-1)
+    t = torch.nn.functional.normalize(torch.randn(7, 5, generator=g), dim=-1)
+    y = torch.tensor([0, 1, 0, 2, 1, 0, 2])
+    scale = torch.tensor(2.0)
+    ours = multi_positive_contrastive_loss(f, t, y, scale)
+    s = scale.exp() * f @ t.t()
+    total = 0.0
+    for direction in (s, s.t()):
+        for i in range(7):
+            pos = [j for j in range(7) if y[j] == y[i]]
+            logp = direction[i] - torch.logsumexp(direction[i], 0)
+            total += -sum(logp[j] for j in pos) / len(pos) / 7
+    torch.testing.assert_close(ours, total / 2)
+    # perfectly separated classes at a high temperature: only the within-class entropy remains
+    onehot = torch.nn.functional.one_hot(y, 5).float()
+    low = multi_positive_contrastive_loss(onehot, onehot, y, torch.tensor(6.0))
+    counts = torch.bincount(y).float()[y]
+    torch.testing.assert_close(low, counts.log().mean(), atol=1e-3, rtol=0)
+
+
+def test_lr_schedule_warms_up_then_decays():
+    from ipshield.models.tiny_clip import PretrainConfig, lr_at
+
+    cfg = PretrainConfig(steps=100, warmup_steps=10, lr=1e-3, min_lr_ratio=0.1)
+    lrs = [lr_at(s, cfg) for s in range(100)]
+    assert lrs[0] < lrs[5] < lrs[9] == pytest.approx(1e-3)
+    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+    assert lrs[-1] == pytest.approx(1e-4, rel=0.05)
+
+
+def test_config_hash_tracks_the_recipe():
+    from ipshield.models.tiny_clip import config_hash, preset_config
+
+    a = preset_config("test")
+    assert config_hash(a) == config_hash(preset_config("test"))
+    assert config_hash(a) != config_hash(preset_config("test", ["steps=301"]))
+    assert config_hash(a) == config_hash(preset_config("test", ["threads=1"]))  # threads do not change weights
+    with pytest.raises(Exception, match="unknown key"):
+        preset_config("test", ["stepz=3"])
+
+
+# --------------------------------------------------------------------------- small CLIP: the test preset
+def test_small_clip_is_an_ordinary_cached_hf_clip(small_clip_dir, small_clip):
+    from transformers import CLIPModel
+
+    from ipshield.models.tiny_clip import small_clip as small_clip_fn
+
+    assert small_clip_fn("test") == small_clip_dir  # cached: the same folder, no retraining
+    info = json.loads((small_clip_dir / "pretrain.json").read_text())
+    assert small_clip_dir.name.endswith(info["config_hash"])
+    model = CLIPModel.from_pretrained(str(small_clip_dir), use_safetensors=True)
+    assert model.config.text_config.eos_token_id == small_clip.eos_token_id == EOS_ID
+    assert small_clip.image_size == info["config"]["image_size"]
+    # transformers' own text features agree with the adapter on the pretrained weights
+    ids = small_clip.tokenize(["a photo of a seven.", "the digit two in colour"])
+    with torch.no_grad():
+        ref = model.get_text_features(input_ids=ids)
+        ref = ref if isinstance(ref, torch.Tensor) else ref.pooler_output
+        torch.testing.assert_close(small_clip.encode_text(ids, normalize=False), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_zero_shot_of_the_test_preset_is_well_above_chance(small_clip, synthetic_domains):
+    from ipshield.protect.zeroshot import evaluate_zero_shot
+
+    acc = evaluate_zero_shot(small_clip, synthetic_domains)
+    assert set(acc) == set(synthetic_domains)
+    # chance is 10%; the test preset (a short pretraining) measured TEST_PRESET_MIN or more on each style
+    for name, value in acc.items():
+        assert value >= TEST_PRESET_MIN, (name, acc)
+
+
+def test_zero_shot_classifier_and_registry(small_clip, synthetic_domains):
+    from ipshield.protect.zeroshot import ZeroShotClassifier, ZeroShotConfig, zero_shot
+    from ipshield.registry import METHODS
+
+    assert METHODS.get("zero-shot") is zero_shot
+    dom = synthetic_domains["clean"]
+    clf = zero_shot(small_clip, dom, ZeroShotConfig(templates=["a photo of a {}.", "the digit {class}"]))
+    x = dom.test.to_tensor()[:8]
+    logits = clf.predict_logits(x)
+    assert logits.shape == (8, 10)
+    # the ensemble is the re-normalised mean of the per-template class features
+    single = [ZeroShotClassifier(small_clip, dom.classes, [t]).text_features for t in clf.templates]
+    mean = torch.nn.functional.normalize(single[0] + single[1], dim=-1)
+    torch.testing.assert_close(clf.text_features, mean, atol=1e-5, rtol=1e-5)
+    feats = small_clip.encode_image(small_clip.preprocess(x))
+    torch.testing.assert_close(logits, small_clip.logit_scale.exp() * feats @ mean.t(), atol=1e-4, rtol=1e-4)
+    with pytest.raises(Exception, match="no '\\{\\}'"):
+        ZeroShotConfig(templates=["a photo"])
+
+
+def test_cli_pretrain_and_zero_shot(tmp_path, small_clip_dir):
+    from ipshield.cli import main
+
+    out = tmp_path / "run"
+    main(["pretrain", "--out", str(out), "--preset", "test", "steps=4", "n_per_domain=20", "eval_n_test=10",
+          "domains=[clean,noisy]"])
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["method"] == "pretrain" and set(metrics["accuracy"]["after"]) >= {"clean", "noisy"}
+    assert (out / "clip" / "model.safetensors").is_file() and (out / "config.yaml").is_file()
+    assert load_clip(out).path == out / "clip"  # a pretrain run folder is accepted as the model path
+    main(["zero-shot", "--model", str(small_clip_dir), "--domains", "clean,noisy", "--out", str(tmp_path / "zs")])
+    zs = json.loads((tmp_path / "zs" / "metrics.json").read_text())
+    assert zs["method"] == "zero-shot" and set(zs["accuracy"]["after"]) == {"clean", "noisy"}
+    with pytest.raises(SystemExit) as exit_:
+        main(["pretrain", "--out", str(tmp_path / "bad"), "--preset", "test", "stepz=4"])
+    assert exit_.value.code == 2

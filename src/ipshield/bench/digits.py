@@ -39,9 +39,10 @@ class DigitsBenchConfig(BaseConfig):
     methods: list[str] = list(ALL_METHODS)
     seed: int = 0
     arch: str = "vgg_small"
-    n_train: int = 3000
+    #: training images per domain for the protections and the source models (balanced subset)
+    n_train: int = 6000
     n_test: int = 1000
-    source_epochs: int = 5
+    source_epochs: int = 6
     #: optimisation steps of every protection (mask steps for MAP, fine-tuning steps for NTL/CUTI)
     steps: int = 300
     #: pseudo-source generator steps and pool size (SF/DF-MAP)

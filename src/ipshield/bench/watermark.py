@@ -41,21 +41,23 @@ class WatermarkBenchConfig(BaseConfig):
     n_customers: int = 6
     thief_customer: str = "customer-3"
     #: extraction budgets (public pairs; each pair is two queries); the last one is the main student
-    budgets: list[int] = [1000, 3000, 8000]
-    extract_epochs: int = 8
+    budgets: list[int] = [1500, 5000]
+    extract_epochs: int = 6
     max_queries: int = 512
     alpha: float = 1e-6
     n_probes: int = 512
     #: innocent models: short pretrainings of the small CLIP's architecture
     n_innocent: int = 10
     innocent_steps: int = 150
+    #: the first ones have the service's architecture; the others a narrower one (same embedding size)
+    innocent_same_arch: int = 2
     #: attack strengths
     noise_levels: list[float] = [0.25, 0.5, 1.0, 1.5, 2.0, 3.0]
     dim_removal: list[int] = [1, 2, 4, 8, 16, 32]
     prune_levels: list[float] = [0.1, 0.3, 0.5, 0.7, 0.8]
-    finetune_steps: list[int] = [50, 200]
+    finetune_steps: list[int] = [30, 100]
     n_eval_test: int = 300
-    embmarker: bool = True
+    schemes: list[str] = ["vlpmarker", "embmarker"]
     vlpmarker_overrides: list[str] = []
 
     @classmethod
@@ -174,7 +176,7 @@ class WatermarkBench:
         ref = reference_from_synthetic(600, seed=1)
         for scheme, cls, cfg in (("vlpmarker", VLPMarker, VLPMarkerConfig.build({}, self.cfg.vlpmarker_overrides)),
                                  ("embmarker", EmbMarker, EmbMarkerConfig())):
-            if scheme == "embmarker" and not self.cfg.embmarker:
+            if scheme not in self.cfg.schemes:
                 continue
             folder = od / scheme
             if (folder / "watermark.json").is_file():
@@ -199,17 +201,19 @@ class WatermarkBench:
                       max_queries=self.cfg.max_queries, alpha=self.cfg.alpha, calibration=calibration)
 
     # -------------------------------------------------------------- steps
-    def utility(self) -> dict:
+    def utility(self, scheme: str) -> dict:
         _, wms = self.owner()
+        wm = wms[scheme]
         before = self.zs(self.clean())
-        res: dict[str, Any] = {"before": before, "after": {}}
-        for scheme, wm in wms.items():
-            res["after"][scheme] = {c: self.zs(wm.encoder(self.adapter, c)) for c in self.customers}
-        res["max_abs_change"] = {s: max(abs(a[d] - before[d]) for a in v.values() for d in before)
-                                 for s, v in res["after"].items()}
-        if "vlpmarker" in wms:
-            res["refinement"] = {c: wms["vlpmarker"].refinement_report(c)["final"] for c in self.customers}
-            res["clean_trigger_gap"] = wms["vlpmarker"].refinement_report(self.customers[0])["clean_trigger_gap"]
+        after = {c: self.zs(wm.encoder(self.adapter, c)) for c in self.customers}
+        res: dict[str, Any] = {"before": before, "after": after,
+                               "max_abs_change": max(abs(a[d] - before[d]) for a in after.values() for d in before)}
+        if scheme == "vlpmarker":
+            res["refinement"] = {c: wm.refinement_report(c)["final"] for c in self.customers}
+            res["clean_trigger_gap"] = wm.refinement_report(self.customers[0])["clean_trigger_gap"]
+            res["selection"] = wm.selection
+        else:
+            res["selection"] = wm.selection
         return res
 
     def student_dir(self, scheme: str, budget: int) -> Path:
@@ -264,6 +268,9 @@ class WatermarkBench:
                 base = preset_config("default").to_dict()
             base = {k: v for k, v in base.items() if k in PretrainConfig.model_fields}
             base.update({"steps": self.cfg.innocent_steps, "seed": 1000 + i, "warmup_steps": min(50, self.cfg.innocent_steps // 5)})
+            if i >= self.cfg.innocent_same_arch:
+                base.update({"vision_width": 64, "vision_layers": 2, "text_width": 64, "text_layers": 1,
+                             "n_per_domain": 600, "eval_n_test": 100})
             if i % 2 == 1:
                 base.update({"data_seed": 500 + i, "include_digits": False})
             pretrain(PretrainConfig.build(base), d, show_progress=False)
@@ -329,10 +336,11 @@ class WatermarkBench:
         from ipshield.watermark.verify import VerificationReport, calibrate, recalibrate
 
         t0 = time.time()
-        schemes = ["vlpmarker"] + (["embmarker"] if self.cfg.embmarker else [])
+        schemes = list(self.cfg.schemes)
         res: dict[str, Any] = {"config": self.cfg.to_dict(), "model": str(self.model_path)}
-        res["utility"] = self.part("utility", self.utility)
+        res["utility"] = {}
         for scheme in schemes:
+            res["utility"][scheme] = self.part(f"utility-{scheme}", lambda: self.utility(scheme))
             ext = self.part(f"extraction-{scheme}", lambda: self.extraction(scheme))
             inn = self.part(f"innocents-{scheme}", lambda: self.innocents(scheme))
             reports = [_report_from_dict(r["report"]) for r in inn["rows"]]
@@ -421,17 +429,25 @@ def _report_from_dict(d: dict):
 
 
 def results_markdown(res: dict) -> str:
-    u = res["utility"]
     lines = ["# Watermark benchmark", "", f"model: `{res['model']}`", "", "## Utility (zero-shot %, clean vs served)", ""]
-    doms = list(u["before"])
-    lines.append("| | " + " | ".join(doms) + " |")
-    lines.append("|---|" + "---|" * len(doms))
-    lines.append("| clean | " + " | ".join(f"{u['before'][d]:.1f}" for d in doms) + " |")
-    for scheme, per in u["after"].items():
-        c0 = next(iter(per))
-        lines.append(f"| {scheme} ({c0}) | " + " | ".join(f"{per[c0][d]:.1f}" for d in doms) + " |")
-    lines.append("")
-    lines.append("max |change| over all customers and domains: " + ", ".join(f"{s} {v:.2f} points" for s, v in u["max_abs_change"].items()))
+    for scheme, u in res["utility"].items():
+        doms = list(u["before"])
+        lines.append(f"### {scheme}")
+        lines.append("")
+        lines.append("| | " + " | ".join(doms) + " |")
+        lines.append("|---|" + "---|" * len(doms))
+        lines.append("| clean | " + " | ".join(f"{u['before'][d]:.1f}" for d in doms) + " |")
+        for c, acc in u["after"].items():
+            lines.append(f"| served to {c} | " + " | ".join(f"{acc[d]:.1f}" for d in doms) + " |")
+        lines.append("")
+        lines.append(f"max |change| over all customers and domains: {u['max_abs_change']:.2f} points")
+        if "refinement" in u:
+            ref = list(u["refinement"].values())
+            lines.append(f"refinement (mean over customers): orthogonality error {np.mean([r['orthogonality_error'] for r in ref]):.3f}, "
+                         f"served trigger gap {np.mean([r['trigger_gap'] for r in ref]):.4f} (z {np.mean([r['trigger_z'] for r in ref]):.1f}; "
+                         f"clean {u['clean_trigger_gap']:.4f}), reference image-caption |cos change| "
+                         f"{np.mean([r.get('utility_mean_abs_cos_change', float('nan')) for r in ref]):.4f}")
+        lines.append("")
     for scheme in ("vlpmarker", "embmarker"):
         if scheme not in res:
             continue

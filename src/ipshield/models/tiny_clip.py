@@ -120,7 +120,7 @@ def save_preprocessor_config(out_dir: str | Path, image_size: int, mean, std) ->
 
 # --------------------------------------------------------------------------- configuration
 #: bump when the recipe changes in a way that changes the weights, so cached models are retrained
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 #: the prompts the zero-shot evaluation uses by default (the spec's single template)
 DEFAULT_TEMPLATES = ["a photo of a {}."]
@@ -156,11 +156,13 @@ class PretrainConfig(BaseConfig):
     warmup_steps: int = Field(100, ge=0)
     weight_decay: float = Field(0.05, ge=0)
     temperature: float = Field(0.07, gt=0, description="initial softmax temperature (learned)")
+    own_caption_weight: float = Field(0.0, ge=0, le=1, description="share of the target on the image's own caption")
     grad_clip: float | None = 1.0
     seed: int = 0
     # data
     domains: list[str] | None = Field(None, description="synthetic styles (None: all)")
     n_per_domain: int = Field(3000, ge=10, description="training images per synthetic style")
+    data_size: int = Field(32, ge=8, description="resolution of the data (resized to image_size like preprocess does)")
     data_seed: int = Field(1, description="seed of the pretraining images (evaluation uses seed 0 test splits)")
     include_digits: bool = False
     digits: list[str] = Field(default_factory=lambda: ["mnist", "usps", "mnistm"])
@@ -200,9 +202,6 @@ def _resolve_digits(config: PretrainConfig) -> tuple[list[str], str | None]:
     from ipshield.data.digits import available_digits, digits_root
 
     root = config.digits_root or (str(digits_root()) if digits_root() else None)
-    if root is None:
-        shared = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "digits"
-        root = str(shared) if shared.is_dir() else None
     if root is None:
         return [], None
     try:
@@ -253,7 +252,7 @@ def _load_pools(config: PretrainConfig) -> list[_Pool]:
     styles = config.domains or list(STYLES)
     pools = []
     synth = load_synthetic(styles, n_train=config.n_per_domain, n_test=0, seed=config.data_seed,
-                           size=config.image_size)
+                           size=config.data_size)
     for name, dom in synth.items():
         table = dom.meta.get("train_attrs", {})
         attrs = [{k: v[i] for k, v in table.items()} for i in range(len(dom.train))] if table else None
@@ -262,7 +261,7 @@ def _load_pools(config: PretrainConfig) -> list[_Pool]:
     if digits:
         from ipshield.data.digits import load_digits
 
-        for name, dom in load_digits(digits, root=root, size=config.image_size).items():
+        for name, dom in load_digits(digits, root=root, size=config.data_size).items():
             pools.append(_Pool(name, name, np.ascontiguousarray(dom.train.images), dom.train.labels, None))
     return pools
 
@@ -411,6 +410,10 @@ def pretrain(config: PretrainConfig | None = None, out_dir: str | Path = "small_
             x = torch.cat(imgs).float().div_(255.0)
             if config.augment:
                 x = _augment(x, g, config.aug_scale, config.aug_shift, config.aug_rotate)
+            if x.shape[-1] != config.image_size:  # the same resize as CLIPAdapter.preprocess
+                x = torch.nn.functional.interpolate(x, size=(config.image_size, config.image_size), mode="bicubic",
+                                                    align_corners=False, antialias=x.shape[-1] > config.image_size)
+                x = x.clamp_(0.0, 1.0)
             x = (x - mean) / std
             y = torch.tensor(labels)
             enc = tokenizer.encode_batch(texts)
@@ -420,7 +423,8 @@ def pretrain(config: PretrainConfig | None = None, out_dir: str | Path = "small_
             img_f = img_f if isinstance(img_f, torch.Tensor) else img_f.pooler_output
             txt_f = txt_f if isinstance(txt_f, torch.Tensor) else txt_f.pooler_output
             loss = multi_positive_contrastive_loss(torch.nn.functional.normalize(img_f, dim=-1),
-                                                   torch.nn.functional.normalize(txt_f, dim=-1), y, model.logit_scale)
+                                                   torch.nn.functional.normalize(txt_f, dim=-1), y, model.logit_scale,
+                                                   own_weight=config.own_caption_weight)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if config.grad_clip:
@@ -488,17 +492,17 @@ def caption_for(style: str, label: int, rng, attrs: dict[str, str] | None = None
 
 def eval_domains(config: PretrainConfig) -> dict:
     """The domains the zero-shot accuracy of a pretraining is reported on: every synthetic style's
-    test split (seed 0, the default data every command uses) and the real digits' test splits
-    when they were found."""
+    test split (seed 0, the default data every command uses) and, when the config pretrains on
+    them, the real digits' full test splits."""
     from ipshield.data.synthetic import STYLES, load_synthetic
 
     domains = dict(load_synthetic(list(STYLES), n_train=0, n_test=config.eval_n_test, seed=0,
-                                  size=config.image_size))
-    digits, root = _resolve_digits(config.model_copy(update={"include_digits": True}))
+                                  size=config.data_size))
+    digits, root = _resolve_digits(config)
     if digits:
         from ipshield.data.digits import load_digits
 
-        domains.update(load_digits(digits, root=root, size=config.image_size, n_train=0))
+        domains.update(load_digits(digits, root=root, size=config.data_size, n_train=0))
     return domains
 
 

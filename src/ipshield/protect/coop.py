@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 from ipshield.config import BaseConfig
 from ipshield.data.domain import Domain
+from ipshield.distributed import average_gradients, init_from_env, rank, shard
 from ipshield.errors import CheckpointError
 from ipshield.protect.prompting import class_prompt_template, init_context
 from ipshield.protect.training import cosine_with_warmup, epoch_batches, subsample, train_augment
@@ -100,7 +101,9 @@ class CoOpModel(nn.Module):
 def train_coop(adapter, domain: Domain, config: CoOpConfig | None = None, verbose: bool = True) -> CoOpModel:
     """Learn a CoOp prompt on ``domain``'s train split; returns the model in eval mode."""
     config = config or CoOpConfig()
-    g = seed_everything(config.seed)
+    init_from_env()
+    g = seed_everything(config.seed)  # shuffling: the same on every process
+    g_aug = torch.Generator().manual_seed(config.seed * 1000 + 1 + rank())  # augmentation draws
     device = resolve_device(config.device)
     adapter.to(device)
     model = CoOpModel(adapter, domain.classes, config.n_ctx, init_context(adapter, config.n_ctx, config.ctx_init, g)).to(device)
@@ -119,17 +122,19 @@ def train_coop(adapter, domain: Domain, config: CoOpConfig | None = None, verbos
     model.train()
     bar = progress(range(config.epochs), desc="coop", enabled=verbose)
     for _epoch in bar:
-        for idx in epoch_batches(len(split), bs, g):
+        for batch in epoch_batches(len(split), bs, g):
+            idx = shard(batch)  # this process's part of the batch (all of it with one process)
             y = y_all[idx].to(device)
             if feats_all is not None:
                 feats = feats_all[idx]
             else:
-                x = train_augment(x_all[idx], adapter.image_size, g).to(device)
+                x = train_augment(x_all[idx], adapter.image_size, g_aug).to(device)
                 with torch.no_grad():
                     feats = adapter.encode_image(adapter.preprocess(x), normalize=True)
             loss = F.cross_entropy(model.logits(feats), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            average_gradients([model.ctx], len(idx) / len(batch))
             opt.step()
             sched.step()
     model.eval()
@@ -154,12 +159,13 @@ def run_coop(adapter, domains: dict[str, Domain], authorized: str, out, config: 
     if authorized not in domains:
         raise IPShieldError(f"authorized domain '{authorized}' is not among {sorted(domains)}", "pick one of those")
     classes = check_same_classes(list(domains.values()))
-    run = RunDir(out, "coop", config, seed=config.seed)
+    from ipshield.distributed import is_main
+
+    run = RunDir(out, "coop", config, seed=config.seed) if is_main() else None  # one writer
     zs = ZeroShotClassifier(adapter, classes)
     before = accuracy_by_domain(zs, domains)
     model = train_coop(adapter, domains[authorized], config, verbose=verbose)
     after = accuracy_by_domain(model, domains)
-    model.save(run.path)
     metrics = {
         "method": "coop",
         "authorized": authorized,
@@ -169,6 +175,8 @@ def run_coop(adapter, domains: dict[str, Domain], authorized: str, out, config: 
         "reference": "zero-shot",
         "summary": summarize_restriction(before, after, authorized, len(classes)),
     }
-    run.save_metrics(metrics)
-    run.finish()
+    if run is not None:
+        model.save(run.path)
+        run.save_metrics(metrics)
+        run.finish()
     return metrics

@@ -83,6 +83,8 @@ class MAPConfig(RestrictionConfig):
     gen_batch_size: int = 64
     gen_lr: float = 1e-3
     z_dim: int = 64
+    #: generator width (channels at 8 px = 2 x width; small so that synthesis stays cheap on CPU)
+    gen_width: int = 32
     bn_weight: float = 1.0
     ce_weight: float = 1.0
     diversity_weight: float = 1.0
@@ -176,7 +178,7 @@ class MaskedClassifier(nn.Module):
 class PseudoSourceGenerator(nn.Module):
     """Conditional generator G(z, y) -> image in [0, 1]."""
 
-    def __init__(self, num_classes: int, z_dim: int = 64, image_size: int = 32, width: int = 64):
+    def __init__(self, num_classes: int, z_dim: int = 64, image_size: int = 32, width: int = 32):
         super().__init__()
         if image_size % 4:
             raise IPShieldError(f"image size {image_size} is not a multiple of 4", "use 32 px images")
@@ -184,9 +186,9 @@ class PseudoSourceGenerator(nn.Module):
         self.fc = nn.Linear(z_dim + num_classes, 2 * width * self.side * self.side)
         self.body = nn.Sequential(
             nn.BatchNorm2d(2 * width),
-            nn.Upsample(scale_factor=2), nn.Conv2d(2 * width, 2 * width, 3, padding=1), nn.BatchNorm2d(2 * width), nn.LeakyReLU(0.2),
             nn.Upsample(scale_factor=2), nn.Conv2d(2 * width, width, 3, padding=1), nn.BatchNorm2d(width), nn.LeakyReLU(0.2),
-            nn.Conv2d(width, 3, 3, padding=1),
+            nn.Upsample(scale_factor=2), nn.Conv2d(width, width // 2, 3, padding=1), nn.BatchNorm2d(width // 2), nn.LeakyReLU(0.2),
+            nn.Conv2d(width // 2, 3, 3, padding=1),
         )
         self.width = width
 
@@ -245,7 +247,7 @@ def synthesize_pseudo_source(source_model: nn.Module, num_classes: int, config: 
     frozen = [p.requires_grad for p in model.parameters()]
     for p in model.parameters():
         p.requires_grad_(False)
-    gen = PseudoSourceGenerator(num_classes, config.z_dim, config.image_size).to(device)
+    gen = PseudoSourceGenerator(num_classes, config.z_dim, config.image_size, config.gen_width).to(device)
     opt = torch.optim.Adam(gen.parameters(), lr=config.gen_lr, betas=(0.5, 0.999))
     hook = _BNStatHook(model)
     half = max(1, config.gen_batch_size // 2)

@@ -100,11 +100,16 @@ class ClipBackend:
     def embed_images(self, images: list[np.ndarray]) -> np.ndarray:
         torch = self._torch
         with self._lock, torch.inference_mode():
-            pix = []
-            for img in images:
-                x = torch.from_numpy(np.array(img[..., :3], dtype=np.uint8, copy=True)).to(self.device)
-                x = x.permute(2, 0, 1).unsqueeze(0).float().div_(255.0)
-                pix.append(self.adapter.preprocess(x))
+            # images of one size are preprocessed together, the others one by one
+            groups: dict[tuple, list[int]] = {}
+            for i, img in enumerate(images):
+                groups.setdefault(tuple(img.shape), []).append(i)
+            pix: list = [None] * len(images)
+            for idx in groups.values():
+                x = torch.from_numpy(np.stack([np.asarray(images[i][..., :3], dtype=np.uint8) for i in idx])).to(self.device)
+                x = self.adapter.preprocess(x.permute(0, 3, 1, 2).float().div_(255.0))
+                for k, i in enumerate(idx):
+                    pix[i] = x[k : k + 1]
             out = self.adapter.encode_image(torch.cat(pix), normalize=True)
         return out.float().cpu().numpy()
 

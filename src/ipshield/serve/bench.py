@@ -28,12 +28,22 @@ import numpy as np
 CLI = "import sys; from ipshield.cli import main; main(sys.argv[1:])"
 
 
+def _cpu_seconds(pid: int) -> float | None:
+    """User + system CPU time of a process (Linux /proc), None elsewhere."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 @dataclass
 class Result:
     name: str
     latencies: list[float] = field(default_factory=list)
     wall: float = 0.0
     status: dict[int, int] = field(default_factory=dict)
+    cpu: float = 0.0  # server CPU seconds spent on the measured requests
 
     def summary(self) -> dict:
         lat = np.array(self.latencies) * 1000 if self.latencies else np.zeros(1)
@@ -41,7 +51,8 @@ class Result:
         return {"config": self.name, "requests": n, "throughput_rps": n / self.wall if self.wall else 0.0,
                 "p50_ms": float(np.percentile(lat, 50)), "p99_ms": float(np.percentile(lat, 99)),
                 "n_5xx": sum(v for k, v in self.status.items() if k >= 500),
-                "n_ok": self.status.get(200, 0), "status": {str(k): v for k, v in sorted(self.status.items())}}
+                "n_ok": self.status.get(200, 0), "status": {str(k): v for k, v in sorted(self.status.items())},
+                "server_cpu_ms_per_request": 1000 * self.cpu / n if n and self.cpu else None}
 
 
 def _payloads(kind: str, n: int = 64, size: int = 32, seed: int = 0) -> list[dict]:
@@ -142,7 +153,11 @@ def run_bench(model: str, requests: int = 2000, concurrency: int = 32, kind: str
             order = list(servers.items()) if r % 2 == 0 else list(reversed(servers.items()))
             for name, (proc, url, key) in order:
                 one = Result(name)
+                c0 = _cpu_seconds(proc.pid)
                 asyncio.run(_load(url, key, payloads, per_round, concurrency, kind, one))
+                c1 = _cpu_seconds(proc.pid)
+                if c0 is not None and c1 is not None:
+                    results[name].cpu += c1 - c0
                 round_rps[name].append(len(one.latencies) / one.wall)
                 res = results[name]
                 res.latencies += one.latencies
@@ -161,7 +176,7 @@ def run_bench(model: str, requests: int = 2000, concurrency: int = 32, kind: str
     by = {r["config"]: r for r in rows}
     # two estimates of each ratio: total throughput, and the median over rounds of the ratio of the
     # two configurations measured back to back in that round (robust to drifting background load)
-    ratios, paired = {}, {}
+    ratios, paired, cpu_ratios = {}, {}, {}
     pairs = [(f"watermark on/off (batching {b})", f"watermark on, batching {b}", f"watermark off, batching {b}") for b in ("on", "off")]
     pairs += [(f"batching on/off (watermark {w})", f"watermark {w}, batching on", f"watermark {w}, batching off") for w in ("on", "off")]
     for label, a_name, b_name in pairs:
@@ -169,8 +184,11 @@ def run_bench(model: str, requests: int = 2000, concurrency: int = 32, kind: str
         if a_row and b_row and b_row["throughput_rps"]:
             ratios[label] = a_row["throughput_rps"] / b_row["throughput_rps"]
             paired[label] = float(np.median(np.array(round_rps[a_name]) / np.array(round_rps[b_name])))
+            if a_row["server_cpu_ms_per_request"] and b_row["server_cpu_ms_per_request"]:
+                # capacity ratio from server CPU per request (insensitive to other processes' load)
+                cpu_ratios[label] = b_row["server_cpu_ms_per_request"] / a_row["server_cpu_ms_per_request"]
     result = {"model": model, "kind": kind, "requests_per_config": rows[0]["requests"], "concurrency": concurrency,
-              "rounds": rounds, "server_threads": threads, "rows": rows, "ratios": ratios, "paired_ratios": paired,
+              "rounds": rounds, "server_threads": threads, "rows": rows, "ratios": ratios, "paired_ratios": paired, "cpu_ratios": cpu_ratios,
               "round_rps": round_rps,
               "total_5xx": sum(r["n_5xx"] for r in rows)}
     if out:
@@ -190,13 +208,16 @@ def print_result(result: dict) -> None:
 
     t = Table(title=f"load on loopback: {result['requests_per_config']} {result['kind']} requests per config, "
                     f"{result['concurrency']} concurrent clients")
-    for c in ("config", "req/s", "p50 ms", "p99 ms", "5xx", "status"):
+    for c in ("config", "req/s", "p50 ms", "p99 ms", "server CPU ms/req", "5xx", "status"):
         t.add_column(c)
     for r in result["rows"]:
-        t.add_row(r["config"], f"{r['throughput_rps']:.1f}", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}", str(r["n_5xx"]),
-                  json.dumps(r["status"]))
+        cpu = r.get("server_cpu_ms_per_request")
+        t.add_row(r["config"], f"{r['throughput_rps']:.1f}", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}",
+                  "-" if cpu is None else f"{cpu:.2f}", str(r["n_5xx"]), json.dumps(r["status"]))
     c = Console(width=None if sys.stdout.isatty() else 140)
     c.print(t)
     for k, v in result["ratios"].items():
-        c.print(f"{k}: {v:.3f} (total throughput), {result['paired_ratios'][k]:.3f} (median of per-round paired ratios)")
+        cr = result.get("cpu_ratios", {}).get(k)
+        c.print(f"{k}: {v:.3f} (throughput), {result['paired_ratios'][k]:.3f} (median of per-round paired ratios)"
+                + ("" if cr is None else f", {cr:.3f} (server CPU per request)"))
     c.print(f"total 5xx: {result['total_5xx']}")

@@ -30,6 +30,13 @@ vectors, control minus test, so positive = closer) and a one-sided two-sample KS
   ``W_k``. Decision p-value by *key randomisation*: ``W_k`` is a random draw the suspect cannot
   know, so the mean cosine under ``W_k`` is compared with its distribution under 100 random
   orthogonal matrices (normal tail).
+- ``geometry`` [ours]: rotation-invariant and key-specific. ``W_k`` is only near-orthogonal, so
+  it changes the cosine similarity structure of the served embeddings in a customer-specific way.
+  Per probe i: the cosine between row i of ``G_suspect - G_clean`` and of ``G_k - G_clean``
+  (``G`` = cosine Gram matrix of all probe embeddings, ``G_k`` that of ``normalise(e W_k)``).
+  Control and decision p-value by key randomisation over fictitious customers' matrices built
+  exactly like real ones (``watermark.null_transforms``): normal tail of the mean. Gram
+  matrices do not change under any rotation or permutation applied to both modalities.
 - ``procrustes``: the distribution test after an orthogonal Procrustes alignment (fit on half of
   the probes, measured on the other half), which undoes a thief's rotation or permutation. It is
   not key-specific (the alignment absorbs ``W_k``) and innocent models trained on similar data
@@ -502,14 +509,16 @@ def _run(watermark, suspect, clean, probes: ReferenceSample, customers: list[str
 
 
 def verify(watermark, suspect, clean, probes: ReferenceSample, customer_id: str, max_queries: int = 512,
-           alpha: float = 1e-6, calibration: dict | None = None, on_bad_suspect: str = "inconclusive") -> VerificationReport:
+           alpha: float = 1e-6, calibration: dict | None = None, on_bad_suspect: str = "inconclusive",
+           n_null_customers: int = 16) -> VerificationReport:
     """Verify one customer's watermark in a suspect (see the module docstring)."""
-    return _run(watermark, suspect, clean, probes, [customer_id], max_queries, alpha, calibration, on_bad_suspect)[0]
+    return _run(watermark, suspect, clean, probes, [customer_id], max_queries, alpha, calibration, on_bad_suspect,
+                n_null_customers)[0]
 
 
 def identify_customer(watermark, suspect, clean, probes: ReferenceSample, customers: Sequence[str],
                       max_queries: int = 512, alpha: float = 1e-6, calibration: dict | None = None,
-                      on_bad_suspect: str = "inconclusive") -> VerificationReport:
+                      on_bad_suspect: str = "inconclusive", n_null_customers: int = 16) -> VerificationReport:
     """Test every customer on one round of queries and name the most likely source. The returned
     report is the best customer's, with ``ranking`` (every customer's p-value, best first); its
     verdict is "stolen" only if the best p-value, Bonferroni-corrected for the number of customers,
@@ -517,7 +526,8 @@ def identify_customer(watermark, suspect, clean, probes: ReferenceSample, custom
     customers = list(dict.fromkeys(customers))
     if not customers:
         raise IPShieldError("no customers to identify among", "pass the customer ids of the service")
-    reports = _run(watermark, suspect, clean, probes, customers, max_queries, alpha, calibration, on_bad_suspect)
+    reports = _run(watermark, suspect, clean, probes, customers, max_queries, alpha, calibration, on_bad_suspect,
+                   n_null_customers)
     ranking = sorted(({"customer_id": r.customer_id, "p_value": r.p_value,
                        "p_trigger": r.tests["trigger"].p_value if "trigger" in r.tests else None,
                        "p_distribution": r.tests["distribution"].p_value if "distribution" in r.tests else None}

@@ -25,15 +25,25 @@ Construction of ``W_k`` [ours]:
 1. start: the exactly orthogonal ``W0 = customer_start(key, k)`` (QR of an HMAC-seeded Gaussian);
 2. pairing: a secret permutation ``pi_k`` (from the key) pairs trigger image ``i`` with trigger
    text ``pi_k(i)``; each customer thus has its own trigger pairs over one shared trigger set;
-3. trigger-aligned refinement: minimise the mean squared distance between the *served* embeddings of
-   paired trigger images and texts, ``mean_i ||n(y_i W) - n(t_pi(i) W)||^2`` (an ``||(Y - T) W||^2``
-   objective on unit vectors), measured against all unpaired trigger combinations (so the common
-   image-text gap is not what is learned), plus ``utility_weight`` times the squared change of the
-   image-text cosines of the reference sample; normalised gradient steps of size ``lr``, each
-   followed by the retraction ``W <- W - beta (W W^T W - W)`` that keeps W near-orthogonal;
-4. monitored along the way: orthogonality error ``max|W^T W - I|``, the served trigger cosine gap
-   (paired minus unpaired), and the utility change (mean absolute change of reference image-text
-   cosines; top-1 retrieval agreement).
+3. trigger-aligned refinement, ``W = (I + B) W0``: minimise the squared distance between the
+   *served* (normalised) embeddings of paired trigger images and texts, an ``||(Y - T) W||^2``
+   objective on unit vectors, measured against all unpaired trigger combinations (so the common
+   image-text gap is not what is learned) and scaled by the clean permutation spread (a z-score),
+   plus ``utility_weight`` times the squared change of the reference image-caption cosines;
+   Adam-scaled gradient steps of size ``lr``, each followed by the retraction
+   ``W <- W - beta (W W^T W - W)`` that keeps W near-orthogonal;
+4. protected span (``protect_prompts``): ``B`` is confined to the orthogonal complement of the
+   span of the class-prompt embeddings (``prompt_templates`` x ``prompt_classes``), so for those
+   prompts ``t W = t W0`` exactly and zero-shot predictions with them are exactly unchanged (an
+   image's cosines to all class prompts are scaled by one positive factor);
+5. monitored along the way (``refinement_report``): orthogonality error ``max|W^T W - I|``, the
+   served trigger cosine gap and its permutation z-score, and the utility change (mean absolute
+   change of reference image-caption cosines; top-1 retrieval agreement).
+
+The deviation of ``W_k`` from orthogonality is what makes the watermark survive a thief's own
+rotation: it changes the *similarity structure* of the served embeddings in a customer-specific
+way (the ``geometry`` test of ``ipshield.watermark.verify``), which no rotation or permutation
+of the stolen embeddings removes.
 
 Keys, matrices, triggers and pairings never appear in a repr, a log line, an error message or a
 run folder (only in the watermark folder, which the owner keeps).

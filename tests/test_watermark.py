@@ -1,0 +1,286 @@
+"""Embedding-service watermarks: keys, triggers, VLPMarker refinement and serving, verification,
+attacks, EmbMarker, bad input, secrecy. Uses the test small CLIP and two very short innocent
+pretrainings (cached in the test cache)."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from ipshield.errors import IPShieldError
+from ipshield.watermark.keys import MasterKey, WatermarkKeyError, keygen, orthogonality_error
+
+
+# ------------------------------------------------------------------------------ keys (no model)
+def test_customer_matrices_exactly_orthogonal_and_deterministic(tmp_path):
+    key = MasterKey.generate(48)
+    w = key.customer_start("acme")
+    assert w.dtype == torch.float64 and w.shape == (48, 48)
+    assert orthogonality_error(w) < 1e-12
+    assert torch.equal(w, key.customer_start("acme"))  # deterministic
+    assert (w - key.customer_start("acme-2")).abs().max() > 0.1  # per customer
+    path, _ = keygen(tmp_path / "key.json", 48)
+    assert (os.stat(path).st_mode & 0o777) == 0o600
+    again = MasterKey.load(path)
+    assert torch.equal(again.customer_start("x"), MasterKey.load(path).customer_start("x"))
+    assert again.key_id == json.loads(path.read_text())["key_id"]
+    other = MasterKey.generate(48)
+    assert (other.customer_start("acme") - w).abs().max() > 0.1  # per key
+    with pytest.raises(IPShieldError):
+        keygen(path, 48)  # never overwrite a key silently
+    with pytest.raises(IPShieldError):
+        key.customer_start("bad id with spaces")
+
+
+def test_key_for_another_dimension_is_a_clear_error(tmp_path):
+    path, key = keygen(tmp_path / "k.json", 32)
+    with pytest.raises(WatermarkKeyError) as exc:
+        MasterKey.load(path, dim=64)
+    assert "32" in exc.value.problem and "64" in exc.value.problem
+    assert key._secret.hex() not in str(exc.value)
+
+
+def test_secret_never_in_repr_or_pickle(tmp_path):
+    key = MasterKey.generate(16)
+    secret = key._secret.hex()
+    assert secret not in repr(key) and secret not in str(key) and secret[:16] not in repr(key)
+    with pytest.raises(TypeError):
+        pickle.dumps(key)
+
+
+# ------------------------------------------------------------------------------ triggers, refinement
+def test_trigger_pool_selection_and_storage(tmp_path):
+    from ipshield.watermark.triggers import TriggerSet, make_pool, secret_texts, select_ood, vocabulary_words
+
+    g = torch.Generator().manual_seed(0)
+    pool, kinds = make_pool(60, 32, g)
+    assert pool.shape == (60, 3, 32, 32) and 0 <= pool.min() and pool.max() <= 1
+    assert len(set(kinds)) == 6
+    pool2, _ = make_pool(60, 32, torch.Generator().manual_seed(0))
+    assert torch.equal(pool, pool2)
+    cand, ref = torch.randn(50, 8), torch.randn(30, 8)
+    idx, score = select_ood(cand, ref, 5)
+    brute = (F.normalize(cand, dim=-1) @ F.normalize(ref, dim=-1).T).max(1).values
+    assert torch.allclose(score, brute)
+    assert set(idx.tolist()) == set(torch.argsort(brute)[:5].tolist())
+    texts = secret_texts(10, vocabulary_words(None), torch.Generator().manual_seed(1))
+    assert len(set(texts)) == 10 and all(3 <= len(t.split()) <= 6 for t in texts)
+    ts = TriggerSet(pool[:10], texts)
+    p = ts.save(tmp_path / "t.safetensors")
+    assert (os.stat(p).st_mode & 0o777) == 0o600
+    back = TriggerSet.load(p)
+    assert back.texts == texts and (back.images - ts.images).abs().max() < 1 / 255 + 1e-6
+    assert texts[0] not in repr(back)
+
+
+def test_refinement_aligns_triggers_keeps_near_orthogonal_and_protected_span():
+    from ipshield.watermark.vlpmarker import VLPMarkerConfig, refine_transform, trigger_gap
+
+    g = torch.Generator().manual_seed(0)
+    d, n = 32, 24
+    y, t = torch.randn(n, d, generator=g), torch.randn(n, d, generator=g)
+    ri, rt = torch.randn(40, d, generator=g), torch.randn(40, d, generator=g)
+    prot = torch.randn(6, d, generator=g, dtype=torch.float64)
+    w0 = MasterKey.generate(d).customer_start("c")
+    pi = torch.randperm(n, generator=g)
+    w, hist = refine_transform(w0, y, t, pi, VLPMarkerConfig(steps=150, lr=2e-3, utility_weight=1.0), ri, rt, protected=prot)
+    assert trigger_gap(y, t, pi, w) > trigger_gap(y, t, pi) + 0.02
+    assert hist[-1]["trigger_z"] > hist[0]["trigger_z"] + 1.0
+    assert 1e-3 < orthogonality_error(w) < 0.25
+    # the protected span is mapped exactly as by the orthogonal start
+    assert torch.allclose(F.normalize(prot, dim=-1) @ w, F.normalize(prot, dim=-1) @ w0, atol=1e-9)
+
+
+# ------------------------------------------------------------------------------ with the small CLIP
+@pytest.fixture(scope="module")
+def teacher_dir(request):
+    try:
+        return request.getfixturevalue("small_clip_dir")
+    except pytest.FixtureLookupError:
+        from ipshield.models.tiny_clip import small_clip
+
+        return small_clip("test", show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def innocent_dirs(teacher_dir):
+    """Two very short independent pretrainings (other seeds; the second on other data)."""
+    from ipshield.models.tiny_clip import preset_config, pretrain
+    from ipshield.utils import cache_dir
+
+    out = []
+    for i, extra in enumerate([["seed=101"], ["seed=202", "data_seed=77"]]):
+        d = cache_dir() / "test_watermark" / f"innocent-{i}"
+        if not (d / "model.safetensors").is_file():
+            pretrain(preset_config("test", ["steps=40", "n_per_domain=150", "eval_n_test=20", *extra]), d, show_progress=False)
+        out.append(d)
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(teacher_dir):
+    from ipshield.models.clip import load_clip
+    from ipshield.watermark.base import reference_from_synthetic
+    from ipshield.watermark.vlpmarker import VLPMarker, VLPMarkerConfig
+
+    torch.manual_seed(0)
+    adapter = load_clip(teacher_dir)
+    key = MasterKey.generate(int(adapter.embed_dim))
+    cfg = VLPMarkerConfig(n_triggers=48, pool_factor=3, steps=120, n_utility=96, lr=1e-3, utility_weight=1.0)
+    wm = VLPMarker.fit(adapter, key, reference_from_synthetic(240, seed=1), cfg)
+    probes = reference_from_synthetic(200, seed=9)
+    return {"adapter": adapter, "key": key, "wm": wm, "probes": probes, "cfg": cfg}
+
+
+@pytest.fixture(scope="module")
+def student(setup, teacher_dir):
+    from ipshield.attacks.watermark import ExtractConfig, extract_student
+    from ipshield.watermark.base import reference_from_synthetic
+
+    service = setup["wm"].encoder(setup["adapter"], "acme")
+    public = reference_from_synthetic(1500, seed=5, split="train")
+    st, info = extract_student(service, public, teacher_dir, ExtractConfig(n_queries=1500, epochs=4))
+    assert info["queries"] == 3000
+    return st
+
+
+def _verify(setup, suspect, customer="acme", **kw):
+    from ipshield.watermark.verify import Suspect, verify
+
+    s = suspect if isinstance(suspect, Suspect) else Suspect.from_embedder(suspect)
+    kw.setdefault("n_null_customers", 8)
+    return verify(setup["wm"], s, setup["adapter"], setup["probes"], customer, **kw), s
+
+
+def test_served_embeddings_and_zero_shot_unchanged(setup):
+    from ipshield.data.synthetic import load_synthetic
+    from ipshield.watermark.base import CleanEncoder, zero_shot_accuracy
+
+    adapter, wm = setup["adapter"], setup["wm"]
+    enc = wm.encoder(adapter, "acme")
+    x = setup["probes"].images[:5]
+    e, s = CleanEncoder(adapter).embed_images(x), enc.embed_images(x)
+    assert s.shape == (5, adapter.embed_dim) and torch.allclose(s.norm(dim=-1), torch.ones(5), atol=1e-5)
+    assert torch.allclose(s, F.normalize(e @ wm.matrix("acme").float(), dim=-1), atol=1e-5)
+    assert (e * s).sum(-1).abs().mean() < 0.6  # served vectors are far from the clean ones
+    rep = wm.refinement_report("acme")["final"]
+    assert rep["orthogonality_error"] < 0.3
+    doms = load_synthetic(n_train=50, n_test=100, seed=0)
+    before = zero_shot_accuracy(CleanEncoder(adapter), doms)
+    after = zero_shot_accuracy(enc, doms)
+    assert max(abs(after[d] - before[d]) for d in before) <= 0.5
+
+
+def test_stolen_student_verified_innocents_not(setup, student, innocent_dirs):
+    from ipshield.models.clip import load_clip
+    from ipshield.watermark.base import CleanEncoder
+
+    rep, s = _verify(setup, CleanEncoder(student), max_queries=512)
+    assert rep.verdict == "stolen" and rep.p_value <= 1e-6, rep.summary()
+    assert rep.queries["total"] == s.queries <= 512
+    for d in innocent_dirs:
+        r, _ = _verify(setup, CleanEncoder(load_clip(d)), max_queries=512)
+        assert r.verdict == "not-detected" and r.p_value > 1e-3, r.summary()
+    r, _ = _verify(setup, CleanEncoder(setup["adapter"]))  # the unwatermarked model itself
+    assert r.verdict == "not-detected", r.summary()
+
+
+def test_rotation_and_permutation_do_not_evade(setup, student):
+    from ipshield.attacks.watermark import permute, rotate
+    from ipshield.watermark.base import CleanEncoder
+
+    dim = int(student.embed_dim)
+    for attacked in (rotate(CleanEncoder(student), dim=dim), permute(CleanEncoder(student), dim=dim)):
+        rep, _ = _verify(setup, attacked)
+        assert rep.verdict == "stolen", rep.summary()
+        assert rep.tests["distribution"].p_value > 1e-3  # the W^-1 test alone is evaded ...
+        assert rep.tests["geometry"].p_value <= 1e-6  # ... the rotation-invariant one is not
+
+
+def test_identifies_the_leaking_customer(setup, student):
+    from ipshield.watermark.base import CleanEncoder
+    from ipshield.watermark.verify import Suspect, identify_customer
+
+    customers = ["north", "south", "acme", "east", "west"]
+    rep = identify_customer(setup["wm"], Suspect.from_embedder(CleanEncoder(student)), setup["adapter"], setup["probes"],
+                            customers, max_queries=512, n_null_customers=8)
+    assert rep.verdict == "stolen" and rep.customer_id == "acme", rep.summary()
+    assert rep.ranking[0]["customer_id"] == "acme" and rep.ranking[1]["p_value"] > 1e-3
+
+
+def test_save_load_same_transform(setup, tmp_path):
+    from ipshield.watermark.base import load_watermark
+
+    wm = setup["wm"]
+    wm.save(tmp_path / "wm")
+    assert (os.stat(tmp_path / "wm" / "secrets.safetensors").st_mode & 0o777) == 0o600
+    back = load_watermark(tmp_path / "wm", setup["key"])
+    assert torch.equal(back.matrix("acme"), wm.matrix("acme"))
+    with pytest.raises(IPShieldError):
+        load_watermark(tmp_path / "wm", MasterKey.generate(wm.dim))  # another key
+    with pytest.raises(IPShieldError):
+        type(wm).fit(setup["adapter"], MasterKey.generate(wm.dim + 1), setup["probes"], setup["cfg"])
+
+
+def test_bad_suspects_are_never_stolen(setup, student):
+    from ipshield.watermark.base import CleanEncoder
+    from ipshield.watermark.verify import BudgetError, Suspect, SuspectError
+
+    good = CleanEncoder(student)
+    wrong_size = Suspect(lambda x: torch.randn(len(x), 7), lambda t: torch.randn(len(t), 7))
+    rep, _ = _verify(setup, wrong_size)
+    assert rep.verdict == "inconclusive" and "size" in rep.reasons[0]
+    nan = Suspect(lambda x: good.embed_images(x) * float("nan"), good.embed_texts)
+    rep, _ = _verify(setup, nan)
+    assert rep.verdict == "inconclusive" and "non-finite" in rep.reasons[0]
+    short = Suspect(lambda x: good.embed_images(x)[:-1], good.embed_texts)
+    with pytest.raises(SuspectError):
+        _verify(setup, short, on_bad_suspect="raise")
+    counted = Suspect.from_embedder(good)
+    with pytest.raises(BudgetError) as exc:
+        _verify(setup, counted, max_queries=20)
+    assert counted.queries == 0 and "queries" in exc.value.problem  # refused before spending any
+
+
+def test_no_secret_in_outputs(setup, student):
+    from ipshield.watermark.base import CleanEncoder
+
+    wm, key = setup["wm"], setup["key"]
+    rep, _ = _verify(setup, CleanEncoder(student))
+    dumped = json.dumps(rep.to_dict()) + rep.summary() + repr(rep)
+    _, texts = wm.trigger_queries()
+    secrets = [key._secret.hex()] + texts[:10]
+    for text in [repr(wm), str(wm), repr(wm.encoder(setup["adapter"], "acme")), dumped]:
+        for sec in secrets:
+            assert sec not in text
+    with pytest.raises(TypeError):
+        pickle.dumps(wm)
+
+
+def test_embmarker_verifies_its_own_stolen_copy(setup, teacher_dir, innocent_dirs):
+    from ipshield.attacks.watermark import ExtractConfig, extract_student
+    from ipshield.models.clip import load_clip
+    from ipshield.registry import WATERMARKS
+    from ipshield.watermark.base import CleanEncoder, reference_from_synthetic
+    from ipshield.watermark.embmarker import EmbMarker, EmbMarkerConfig
+    from ipshield.watermark.verify import Suspect, verify
+
+    assert WATERMARKS.get("embmarker") is EmbMarker and WATERMARKS.get("vlpmarker").__name__ == "VLPMarker"
+    adapter, key = setup["adapter"], setup["key"]
+    em = EmbMarker.fit(adapter, key, reference_from_synthetic(400, seed=1), EmbMarkerConfig(n_verify=64))
+    service = em.encoder(adapter, "acme")
+    # served texts with 4 triggers are the target itself; texts without triggers are clean
+    t = em.target("acme")
+    bd = em._backdoor[:4]
+    assert torch.allclose(service.embed_texts(bd) @ t, torch.ones(4), atol=1e-5)
+    public = reference_from_synthetic(1500, seed=5, split="train")
+    st, _ = extract_student(service, public, teacher_dir, ExtractConfig(n_queries=1500, epochs=4))
+    rep = verify(em, Suspect.from_embedder(CleanEncoder(st)), adapter, setup["probes"], "acme", max_queries=512)
+    assert rep.verdict == "stolen", rep.summary()
+    r = verify(em, Suspect.from_embedder(CleanEncoder(load_clip(innocent_dirs[0]))), adapter, setup["probes"], "acme")
+    assert r.verdict == "not-detected", r.summary()
