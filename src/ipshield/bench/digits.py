@@ -46,13 +46,13 @@ class DigitsBenchConfig(BaseConfig):
     #: optimisation steps of every protection (mask steps for MAP, fine-tuning steps for NTL/CUTI)
     steps: int = 300
     #: pseudo-source generator steps and pool size (SF/DF-MAP)
-    gen_steps: int = 300
+    gen_steps: int = 200
     n_pseudo: int = 2000
     #: attacks
     attacks: bool = True
     ks: list[int] = [10, 100, 1000]
-    attack_steps: int = 100
-    shot_steps: int = 150
+    attack_steps: int = 80
+    shot_steps: int = 100
     #: also attack the unprotected source model (the reference for the cost to break)
     attack_source: bool = True
     #: extra config overrides per method, e.g. {"sa-map": {"kl_cap": 8}}
@@ -60,7 +60,7 @@ class DigitsBenchConfig(BaseConfig):
 
     @classmethod
     def smoke(cls, **kw: Any) -> "DigitsBenchConfig":
-        base = dict(pairs=[("mnist", "usps")], n_train=300, n_test=200, source_epochs=2, steps=30, gen_steps=30,
+        base = dict(pairs=[("mnist", "usps")], n_train=600, n_test=200, source_epochs=5, steps=40, gen_steps=20,
                     n_pseudo=128, ks=[10, 100], attack_steps=10, shot_steps=10)
         base.update(kw)
         return cls.build(base)

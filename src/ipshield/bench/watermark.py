@@ -41,8 +41,8 @@ class WatermarkBenchConfig(BaseConfig):
     n_customers: int = 6
     thief_customer: str = "customer-3"
     #: extraction budgets (public pairs; each pair is two queries); the last one is the main student
-    budgets: list[int] = [1500, 5000]
-    extract_epochs: int = 6
+    budgets: list[int] = [1500, 6000]
+    extract_epochs: int = 8
     max_queries: int = 512
     alpha: float = 1e-6
     n_probes: int = 512
@@ -454,26 +454,26 @@ def results_markdown(res: dict) -> str:
         r = res[scheme]
         lines += ["", f"## {scheme}", "", "### Extraction (students), verification with at most "
                   f"{res['config']['max_queries']} queries", "",
-                  "| budget (pairs) | thief zero-shot mean | verdict | p (combined) | p trigger | p distribution | p procrustes | queries |",
-                  "|---|---|---|---|---|---|---|---|"]
+                  "| budget (pairs) | thief zero-shot mean | verdict | p (combined) | p trigger | p distribution | p geometry | p procrustes | queries |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for row in r["extraction"]:
             zs = np.mean(list(row["zero_shot"].values()))
             p = row["p"]
             lines.append(f"| {row['budget_pairs']} | {zs:.1f} | {row['verdict']} | {_fmt_p(row['p_value'])} | "
-                         f"{_fmt_p(p.get('trigger'))} | {_fmt_p(p.get('distribution'))} | {_fmt_p(p.get('procrustes'))} | {row['queries'].get('total')} |")
+                         f"{_fmt_p(p.get('trigger'))} | {_fmt_p(p.get('distribution'))} | {_fmt_p(p.get('geometry'))} | {_fmt_p(p.get('procrustes'))} | {row['queries'].get('total')} |")
         lines += ["", f"### Innocent models (leave-one-out calibration): false-positive rate {r['false_positive_rate']:.2f} "
                   f"over {len(r['innocents'])}", "",
-                  "| innocent | zero-shot mean | verdict | p (combined) | p trigger | p distribution | p procrustes |", "|---|---|---|---|---|---|---|"]
+                  "| innocent | zero-shot mean | verdict | p (combined) | p trigger | p distribution | p geometry | p procrustes |", "|---|---|---|---|---|---|---|---|"]
         for row in r["innocents"]:
             p = row["p"]
             lines.append(f"| {row['innocent']} | {row['zero_shot_mean']:.1f} | {row['verdict']} | {_fmt_p(row['p_value'])} | "
-                         f"{_fmt_p(p.get('trigger'))} | {_fmt_p(p.get('distribution'))} | {_fmt_p(p.get('procrustes'))} |")
-        lines += ["", "### Attacks on the main student", "", "| attack | strength | thief zero-shot mean | verdict | p (combined) | p trigger | p distribution | p procrustes |",
-                  "|---|---|---|---|---|---|---|---|"]
+                         f"{_fmt_p(p.get('trigger'))} | {_fmt_p(p.get('distribution'))} | {_fmt_p(p.get('geometry'))} | {_fmt_p(p.get('procrustes'))} |")
+        lines += ["", "### Attacks on the main student", "", "| attack | strength | thief zero-shot mean | verdict | p (combined) | p trigger | p distribution | p geometry | p procrustes |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         for row in r["attacks"]:
             p = row["p"]
             lines.append(f"| {row['attack']} | {row['strength']} | {row['zero_shot_mean']:.1f} | {row['verdict']} | {_fmt_p(row['p_value'])} | "
-                         f"{_fmt_p(p.get('trigger'))} | {_fmt_p(p.get('distribution'))} | {_fmt_p(p.get('procrustes'))} |")
+                         f"{_fmt_p(p.get('trigger'))} | {_fmt_p(p.get('distribution'))} | {_fmt_p(p.get('geometry'))} | {_fmt_p(p.get('procrustes'))} |")
         ident = r["identification"].get("student", {})
         lines += ["", f"### Identification among {len(ident.get('ranking', []))} customers", "",
                   f"true {ident.get('true')}, identified {ident.get('identified')} ({ident.get('verdict')}, p={_fmt_p(ident.get('p_value'))}, "

@@ -32,7 +32,7 @@ app.add_typer(attack_app, name="attack")
 app.add_typer(keys_app, name="keys")
 
 # Modules that add commands; a missing one (not written yet) is skipped.
-_COMMAND_MODULES = ["data", "models", "protect", "demo", "watermark", "serve", "bench", "ipclip"]
+_COMMAND_MODULES = ["data", "models", "protect", "demo", "watermark", "serve", "bench", "ipclip", "report"]
 for _m in _COMMAND_MODULES:
     try:
         importlib.import_module(f"ipshield.cli.{_m}")

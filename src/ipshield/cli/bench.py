@@ -53,3 +53,9 @@ def bench_digits(
     result = run_digits_bench(out, cfg, root=root, log=typer.echo)
     typer.echo(f"{len(result['computed'])} cells computed now ({result['seconds']:.0f}s); tables: "
                f"{out / 'results.md'}, {out / 'attacks.md'}")
+    try:  # the HTML report of ipshield.report.html (the harness's; a failure there never fails the benchmark)
+        from ipshield.report.html import write_report
+
+        typer.echo(f"report: {write_report(out)}")
+    except Exception as exc:  # noqa: BLE001
+        typer.echo(f"(no HTML report: {exc}; `ipshield report {out}` retries)")

@@ -627,10 +627,11 @@ class StatsSource:
                  g: torch.Generator, verbose: bool = False):
         self.model, self.stream, self.augment = model, stream, augment
         self.cfg = model.config
-        self.cache: list[VisualStats] | None = None
+        #: [V, N, ...] statistics of every cached view, or None (naive path)
+        self.cache: VisualStats | None = None
         if cache:
             n_views = views if (augment or stream.random_transform) else 1
-            self.cache = []
+            per_view = []
             for v in range(n_views):
                 parts = []
                 for s in progress(range(0, len(stream), 256), desc=f"caching {stream.name} view {v + 1}/{n_views}",
@@ -638,22 +639,26 @@ class StatsSource:
                     idx = torch.arange(s, min(len(stream), s + 256))
                     x = stream.batch(idx, g, augment=augment and v > 0)
                     parts.append(visual_stats(model.adapter, x, self.cfg.stat_eps, self.cfg.amp))
-                self.cache.append(VisualStats.cat(parts))
+                per_view.append(VisualStats.cat(parts))
+            self.cache = VisualStats(*(torch.stack([getattr(p, f) for p in per_view])
+                                       for f in ("features", "style", "content")))
+
+    def _lookup(self, view: torch.Tensor | int, idx: torch.Tensor) -> VisualStats:
+        c = self.cache
+        return VisualStats(c.features[view, idx], c.style[view, idx], c.content[view, idx])
 
     def plain(self, idx: torch.Tensor, g: torch.Generator) -> VisualStats:
         """Stats of the images without random crop (the bank pass)."""
         if self.cache is not None:
-            return self.cache[0].index(idx)
+            return self._lookup(0, idx)
         return visual_stats(self.model.adapter, self.stream.batch(idx, g, augment=False), self.cfg.stat_eps, self.cfg.amp)
 
     def sample(self, idx: torch.Tensor, g: torch.Generator) -> VisualStats:
         if self.cache is None:
             return visual_stats(self.model.adapter, self.stream.batch(idx, g, self.augment), self.cfg.stat_eps, self.cfg.amp)
-        if len(self.cache) == 1:
-            return self.cache[0].index(idx)
-        view = torch.randint(len(self.cache), (len(idx),), generator=g)
-        parts = [self.cache[int(v)].index(idx[i:i + 1]) for i, v in enumerate(view)]
-        return VisualStats.cat(parts)
+        n_views = self.cache.features.shape[0]
+        view = torch.randint(n_views, (len(idx),), generator=g) if n_views > 1 else 0
+        return self._lookup(view, idx)
 
 
 @torch.no_grad()
@@ -740,7 +745,7 @@ def train_ipclip(adapter, authorized: Domain, unauthorized: Sequence[Domain] = (
     model.history = history
     total = time.perf_counter() - t0
     model.timing = {"cache_s": t_cache, "bank_s": t_bank, "train_s": t_train, "total_s": total,
-                    "steps": len(history) and steps_per_epoch * config.epochs,
+                    "steps": steps_per_epoch * config.epochs,
                     "images_per_s": n_seen / total if total > 0 else float("nan")}
     return model
 

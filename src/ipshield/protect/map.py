@@ -79,7 +79,7 @@ class MAPConfig(RestrictionConfig):
     #: penalty on the pruned fraction (keeps the mask close to all ones)
     sparsity_penalty: float = 0.0
     # --- pseudo-source synthesis (sf, df)
-    gen_steps: int = 300
+    gen_steps: int = 200
     gen_batch_size: int = 64
     gen_lr: float = 1e-3
     z_dim: int = 64

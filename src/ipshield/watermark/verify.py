@@ -31,12 +31,12 @@ vectors, control minus test, so positive = closer) and a one-sided two-sample KS
   know, so the mean cosine under ``W_k`` is compared with its distribution under 100 random
   orthogonal matrices (normal tail).
 - ``geometry`` [ours]: rotation-invariant and key-specific. ``W_k`` is only near-orthogonal, so
-  it changes the cosine similarity structure of the served embeddings in a customer-specific way.
-  Per probe i: the cosine between row i of ``G_suspect - G_clean`` and of ``G_k - G_clean``
-  (``G`` = cosine Gram matrix of all probe embeddings, ``G_k`` that of ``normalise(e W_k)``).
+  the served spaces of two customers differ by more than a rotation. Per probe: cosine between the
+  suspect's embedding, aligned by an orthogonal Procrustes fit (on even probes; measured on odd
+  ones), and the customer's served embedding ``normalise(e W_k)`` (both centred per modality).
   Control and decision p-value by key randomisation over fictitious customers' matrices built
-  exactly like real ones (``watermark.null_transforms``): normal tail of the mean. Gram
-  matrices do not change under any rotation or permutation applied to both modalities.
+  exactly like real ones (``watermark.null_transforms``): normal tail of the mean. The alignment
+  absorbs any rotation or permutation the thief applies to both modalities.
 - ``procrustes``: the distribution test after an orthogonal Procrustes alignment (fit on half of
   the probes, measured on the other half), which undoes a thief's rotation or permutation. It is
   not key-specific (the alignment absorbs ``W_k``) and innocent models trained on similar data
@@ -303,19 +303,35 @@ def _gram_dev(x: torch.Tensor, ref_gram: torch.Tensor) -> torch.Tensor:
     return d
 
 
-def geometry_test(s: torch.Tensor, e: torch.Tensor, w: torch.Tensor, null_ws: Sequence[torch.Tensor]) -> TestResult:
-    """Rotation-invariant, key-specific: does the suspect's similarity structure on the probes
-    deviate from the clean model's the way the customer's (near-orthogonal) W_k makes it deviate?
-    Per probe i: cosine between row i of (G_suspect - G_clean) and of (G_k - G_clean), where G is
-    the cosine Gram matrix of all probes (images and texts) and G_k that of normalise(e W_k).
-    Decision p-value by key randomisation over ``null_ws`` (fictitious customers' matrices)."""
-    e = F.normalize(e.double(), dim=-1)
-    ge = e @ e.T
-    ds = _gram_dev(s, ge)
+def _centre_modalities(x: torch.Tensor, n_img: int) -> torch.Tensor:
+    x = x.double()
+    x = torch.cat([x[:n_img] - x[:n_img].mean(0), x[n_img:] - x[n_img:].mean(0)])
+    return F.normalize(x, dim=-1)
+
+
+def _aligned_cos(sc: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Orthogonal Procrustes of suspect rows onto target rows, fit on even rows, per-row cosine on
+    odd rows (both already centred and normalised)."""
+    idx = torch.arange(len(sc))
+    fit, ev = idx[idx % 2 == 0], idx[idx % 2 == 1]
+    q = procrustes(sc[fit], target[fit])
+    return ((sc[ev] @ q) * target[ev]).sum(-1)
+
+
+def geometry_test(s: torch.Tensor, e: torch.Tensor, w: torch.Tensor, null_ws: Sequence[torch.Tensor],
+                  n_img: int | None = None) -> TestResult:
+    """Rotation-invariant and key-specific: after the best orthogonal alignment, does the suspect
+    match the customer's served embeddings ``normalise(e W_k)`` better than those of fictitious
+    customers built exactly like real ones? ``W_k`` is only near-orthogonal, so the served spaces
+    of two customers differ by more than a rotation, and no alignment turns one into the other.
+    Per probe: cosine after an orthogonal Procrustes alignment (fit on even probes, measured on odd
+    ones) of the suspect onto the customer's served embeddings. Decision p-value by key
+    randomisation over ``null_ws`` (normal tail of the mean)."""
+    n_img = len(s) // 2 if n_img is None else n_img
+    sc = _centre_modalities(s, n_img)
 
     def per_probe(wm: torch.Tensor) -> torch.Tensor:
-        dk = _gram_dev(e @ wm.double(), ge)
-        return F.cosine_similarity(ds, dk, dim=1, eps=1e-12)
+        return _aligned_cos(sc, _centre_modalities(e.double() @ wm.double(), n_img))
 
     c = per_probe(w)
     null_means, null_pool = [], []
@@ -497,7 +513,7 @@ def _run(watermark, suspect, clean, probes: ReferenceSample, customers: list[str
         if w is not None:
             tests["distribution"] = distribution_test(s, e, n_img, torch.linalg.inv(w.double()))
             if hasattr(watermark, "null_transforms") and n_null_customers > 0:
-                tests["geometry"] = geometry_test(s, e, w, watermark.null_transforms(n_null_customers))
+                tests["geometry"] = geometry_test(s, e, w, watermark.null_transforms(n_null_customers), n_img)
         tests["procrustes"] = proc
         p = combine(tests)
         reasons = list(reasons_common)

@@ -86,12 +86,14 @@ class VLPMarkerConfig(BaseConfig):
     trigger_size: int = Field(32, ge=8, description="side of the trigger images in pixels")
     text_words: tuple[int, int] = Field((3, 6), description="words per secret text (min, max)")
     steps: int = Field(300, ge=0, description="refinement steps")
-    lr: float = Field(3e-4, gt=0, description="step size (Adam-scaled, per matrix entry)")
+    lr: float = Field(1e-3, gt=0, description="step size (Adam-scaled, per matrix entry)")
     beta: float = Field(0.05, gt=0, le=0.5, description="retraction strength W <- W - beta (W W^T W - W)")
-    utility_weight: float = Field(30.0, ge=0, description="weight of the reference cosine-change penalty")
+    utility_weight: float = Field(1.0, ge=0, description="weight of the reference cosine-change penalty")
     protect_prompts: bool = Field(True, description="keep W exactly orthogonal on the span of the class-prompt "
                                   "embeddings (zero-shot predictions with those prompts are then exactly unchanged)")
     prompt_templates: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPT_TEMPLATES))
+    signature: float = Field(0.1, ge=0, lt=1, description="size of the key-derived symmetric perturbation (outside the "
+                             "protected span) applied after the refinement: the customer-specific, rotation-invariant part")
     prompt_classes: list[str] | None = Field(None, description="class names of the protected prompts (None: the digit classes)")
     n_utility: int = Field(256, ge=0, description="reference images/texts used by the utility penalty")
 
@@ -117,6 +119,52 @@ def _perm_sd(c: torch.Tensor) -> float:
     n = c.shape[0]
     d = c - c.mean(1, keepdim=True) - c.mean(0, keepdim=True) + c.mean()
     return float(((d ** 2).sum() / max(n - 1, 1)).sqrt() / n)
+
+
+def protected_projector(protected: torch.Tensor | None, dim: int) -> torch.Tensor | None:
+    """Projector onto the orthogonal complement of the span of ``protected`` embeddings (None: none)."""
+    if protected is None or not len(protected):
+        return None
+    u, sv, _ = torch.linalg.svd(F.normalize(protected.double(), dim=-1).T, full_matrices=False)
+    u = u[:, sv > sv[0] * 1e-6]
+    return torch.eye(dim, dtype=torch.float64) - u @ u.T
+
+
+def signature(w: torch.Tensor, seed: bytes, strength: float, proj: torch.Tensor | None) -> torch.Tensor:
+    """``(I + strength * Q S Q) W``: a key-derived random symmetric perturbation S (spectral norm 1)
+    confined to the complement of the protected span (Q), applied after the refinement."""
+    if strength <= 0:
+        return w
+    from ipshield.watermark.keys import seed_from_bytes
+
+    d = w.shape[0]
+    g = torch.Generator().manual_seed(seed_from_bytes(seed))
+    a = torch.randn(d, d, generator=g, dtype=torch.float64)
+    sym = (a + a.T) / 2
+    if proj is not None:
+        sym = proj @ sym @ proj
+    sym = sym / torch.linalg.matrix_norm(sym, ord=2).clamp_min(1e-12)
+    return (torch.eye(d, dtype=torch.float64) + strength * sym) @ w
+
+
+@torch.no_grad()
+def describe_transform(w: torch.Tensor, y: torch.Tensor, t: torch.Tensor, pairing: torch.Tensor,
+                       ref_img: torch.Tensor | None = None, ref_txt: torch.Tensor | None = None) -> dict:
+    """The monitored quantities of a transform (numbers only)."""
+    y, t, w = F.normalize(y.double(), dim=-1), F.normalize(t.double(), dim=-1), w.double()
+    n = len(y)
+    mask = torch.zeros(n, n, dtype=torch.bool)
+    mask[torch.arange(n), pairing] = True
+    c = _served_cos(y, t, w)
+    rec = {"orthogonality_error": orthogonality_error(w), "trigger_gap": float(c[mask].mean() - c[~mask].mean()),
+           "trigger_z": float(c[mask].mean() - c.mean()) / max(_perm_sd(c), 1e-12)}
+    if ref_img is not None and ref_txt is not None and len(ref_img) and len(ref_txt):
+        ri, rt = F.normalize(ref_img.double(), dim=-1), F.normalize(ref_txt.double(), dim=-1)
+        base = ri @ rt.T
+        cr = _served_cos(ri, rt, w)
+        rec["utility_mean_abs_cos_change"] = float((cr - base).abs().mean())
+        rec["utility_top1_agreement"] = float((cr.argmax(1) == base.argmax(1)).double().mean())
+    return rec
 
 
 def refine_transform(w0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, pairing: torch.Tensor,
@@ -145,11 +193,7 @@ def refine_transform(w0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, pairing
         vbase = float(base.var()) or 1.0
     history: list[dict] = []
     # W = (I + B) W0 with B = Q B Q, Q the projector onto the complement of the protected span
-    proj = None
-    if protected is not None and len(protected):
-        u, sv, _ = torch.linalg.svd(F.normalize(protected.double(), dim=-1).T, full_matrices=False)
-        u = u[:, sv > sv[0] * 1e-6]
-        proj = torch.eye(w.shape[0], dtype=torch.float64) - u @ u.T
+    proj = protected_projector(protected, w.shape[0])
     w0d = w.clone()
     b = torch.zeros_like(w)
 
@@ -295,6 +339,10 @@ class VLPMarker:
             w0 = self._key.customer_start(customer_id)
             w, hist = refine_transform(w0, self._y, self._t, self.pairing(customer_id), self.config, self._ui, self._ut,
                                        protected=self._protected)
+            w = signature(w, self._key.derive(f"vlpmarker/signature/{customer_id}"), self.config.signature,
+                          protected_projector(self._protected, self.dim))
+            hist = hist + [{"step": "signature", **describe_transform(w, self._y, self._t, self.pairing(customer_id),
+                                                                       self._ui, self._ut)}]
             if len(self._cache) > 64:
                 self._cache.pop(next(iter(self._cache)))
             self._cache[customer_id] = (w, hist)
@@ -372,6 +420,8 @@ class VLPMarker:
             w0 = orthogonal_from_seed(self._key.derive(f"vlpmarker/null-customer/{i}"), self.dim)
             pi = torch.randperm(self.n_triggers, generator=self._key.generator(f"vlpmarker/null-pairing/{i}"))
             w, _ = refine_transform(w0, self._y, self._t, pi, self.config, self._ui, self._ut, protected=self._protected)
+            w = signature(w, self._key.derive(f"vlpmarker/null-signature/{i}"), self.config.signature,
+                          protected_projector(self._protected, self.dim))
             self._nulls.append(w)
         return self._nulls[:n]
 

@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# The runs behind the tables of docs/ipclip.md (CPU; about 30 min on 2 busy cores).
+#   OUT=runs/ipclip DIGITS=../shared/data/digits bash benchmarks/ipclip_results.sh [synthetic|digits|ablation|speed|all]
+set -euo pipefail
+OUT=${OUT:-runs/ipclip}
+DIGITS=${DIGITS:-../shared/data/digits}
+IPS=${IPS:-.venv/bin/ipshield}
+PY=${PY:-.venv/bin/python}
+# same training-set size for IP-CLIP and its CoOp reference; no random crop (cached features)
+COMMON=(--device cpu --set epochs=10 --set max_train=500 --set augment=false --coop-set max_train=500)
+what=${1:-all}
+
+if [[ $what == synthetic || $what == all ]]; then
+  $IPS protect ip-clip --authorized clean --unauthorized inverted --out $OUT/syn-target-specified "${COMMON[@]}"
+  $IPS protect ip-clip --authorized clean --scenario ownership --out $OUT/syn-ownership "${COMMON[@]}"
+  $IPS protect ip-clip --authorized clean --scenario target-free --out $OUT/syn-target-free "${COMMON[@]}"
+  $IPS protect ntl-prompt --authorized clean --unauthorized inverted --out $OUT/syn-ntl-prompt --device cpu \
+    --set max_train=500 --coop-set max_train=500
+fi
+if [[ $what == digits || $what == all ]]; then
+  D=(--source digits --root "$DIGITS")
+  $IPS protect ip-clip "${D[@]}" --authorized mnist --unauthorized usps,mnistm --out $OUT/dig-target-specified "${COMMON[@]}"
+  $IPS protect ip-clip "${D[@]}" --authorized mnist --scenario ownership --out $OUT/dig-ownership "${COMMON[@]}"
+  $IPS protect ip-clip "${D[@]}" --authorized mnist --scenario target-free --out $OUT/dig-target-free "${COMMON[@]}"
+fi
+if [[ $what == ablation || $what == all ]]; then
+  $IPS ablation ip-clip --authorized clean --unauthorized inverted --domains clean,inverted,color \
+    --out $OUT/syn-ablation --device cpu --set epochs=10 --set max_train=400 --set augment=false --coop-set max_train=400
+fi
+if [[ $what == speed || $what == all ]]; then
+  $PY benchmarks/bench_ipclip.py --threads 1 --json $OUT/speed.json
+fi
+$PY benchmarks/ipclip_tables.py $OUT/*
