@@ -1,20 +1,22 @@
 #!/usr/bin/env bash
 # The runs behind the tables of docs/ipclip.md (CPU; about 30 min on 2 busy cores).
-#   OUT=runs/ipclip DIGITS=../shared/data/digits bash benchmarks/ipclip_results.sh [synthetic|digits|ablation|speed|all]
+#   OUT=runs/ipclip DIGITS=../shared/data/digits [MODEL=clip-folder] bash benchmarks/ipclip_results.sh [synthetic|digits|ablation|speed|all]
+# MODEL: the CLIP folder (default: the small CLIP of preset "default", pretrained once and cached)
 set -euo pipefail
 OUT=${OUT:-runs/ipclip}
 DIGITS=${DIGITS:-../shared/data/digits}
 IPS=${IPS:-.venv/bin/ipshield}
 PY=${PY:-.venv/bin/python}
 # same training-set size for IP-CLIP and its CoOp reference; no random crop (cached features)
-COMMON=(--device cpu --set epochs=10 --set max_train=500 --set augment=false --coop-set max_train=500)
+M=(); [[ -n ${MODEL:-} ]] && M=(--model "$MODEL")
+COMMON=("${M[@]}" --device cpu --set epochs=10 --set max_train=500 --set augment=false --coop-set max_train=500)
 what=${1:-all}
 
 if [[ $what == synthetic || $what == all ]]; then
   $IPS protect ip-clip --authorized clean --unauthorized inverted --out $OUT/syn-target-specified "${COMMON[@]}"
   $IPS protect ip-clip --authorized clean --scenario ownership --out $OUT/syn-ownership "${COMMON[@]}"
   $IPS protect ip-clip --authorized clean --scenario target-free --out $OUT/syn-target-free "${COMMON[@]}"
-  $IPS protect ntl-prompt --authorized clean --unauthorized inverted --out $OUT/syn-ntl-prompt --device cpu \
+  $IPS protect ntl-prompt --authorized clean --unauthorized inverted --out $OUT/syn-ntl-prompt "${M[@]}" --device cpu \
     --set max_train=500 --coop-set max_train=500
 fi
 if [[ $what == digits || $what == all ]]; then
@@ -25,9 +27,9 @@ if [[ $what == digits || $what == all ]]; then
 fi
 if [[ $what == ablation || $what == all ]]; then
   $IPS ablation ip-clip --authorized clean --unauthorized inverted --domains clean,inverted,color \
-    --out $OUT/syn-ablation --device cpu --set epochs=10 --set max_train=400 --set augment=false --coop-set max_train=400
+    --out $OUT/syn-ablation "${M[@]}" --device cpu --set epochs=10 --set max_train=400 --set augment=false --coop-set max_train=400
 fi
 if [[ $what == speed || $what == all ]]; then
-  $PY benchmarks/bench_ipclip.py --threads 1 --json $OUT/speed.json
+  $PY benchmarks/bench_ipclip.py ${MODEL:+--model "$MODEL"} --threads 1 --json $OUT/speed.json
 fi
 $PY benchmarks/ipclip_tables.py $OUT/*

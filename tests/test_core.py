@@ -66,5 +66,6 @@ def test_cli_user_error_has_no_traceback(tmp_path):
          "--out", str(tmp_path / "g.png")],
         capture_output=True, text=True,
     )
-    assert proc.returncode != 0
+    assert proc.returncode == 2, proc.stderr
+    assert "error:" in proc.stderr and "fix:" in proc.stderr
     assert "Traceback" not in proc.stderr

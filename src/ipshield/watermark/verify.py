@@ -561,16 +561,19 @@ def identify_customer(watermark, suspect, clean, probes: ReferenceSample, custom
 
 
 # ------------------------------------------------------------------------------ calibration
-def calibrate(innocent_reports: Sequence[VerificationReport], alpha: float = 1e-6, margin: float = 100.0) -> dict:
+def calibrate(innocent_reports: Sequence[VerificationReport], alpha: float = 1e-6, margin: float = 100.0,
+              min_innocent: int = 5, min_sd: float = 0.02) -> dict:
     """Calibration on innocent models' reports (same watermark, same customer set):
-    the Procrustes statistic's mean and sd (so that test can enter the decision), and the decision
-    threshold: ``alpha``, lowered to ``min innocent p / margin`` if any innocent model came closer."""
+    the Procrustes statistic's mean and sd (floored at ``min_sd``; needs ``min_innocent`` models) so
+    that test can enter the decision, and the decision threshold: ``alpha``, lowered to
+    ``min innocent p / margin`` if any innocent model came closer."""
     proc = np.asarray([r.tests["procrustes"].test_mean_cos for r in innocent_reports if "procrustes" in r.tests])
     ps = np.asarray([r.p_value for r in innocent_reports if r.p_value == r.p_value])
     cal: dict[str, Any] = {"n_innocent": len(innocent_reports), "alpha": alpha}
-    if len(proc) >= 5:
+    if len(proc) >= max(2, min_innocent):
         cal["procrustes_mean"] = float(proc.mean())
-        cal["procrustes_sd"] = float(proc.std(ddof=1))
+        # a floor on the spread: a handful of innocent models can agree by chance
+        cal["procrustes_sd"] = max(float(proc.std(ddof=1)), min_sd)
     thr = alpha
     if len(ps) and ps.min() / margin < alpha:
         thr = float(ps.min() / margin)

@@ -36,7 +36,11 @@ Construction of ``W_k`` [ours]:
    span of the class-prompt embeddings (``prompt_templates`` x ``prompt_classes``), so for those
    prompts ``t W = t W0`` exactly and zero-shot predictions with them are exactly unchanged (an
    image's cosines to all class prompts are scaled by one positive factor);
-5. monitored along the way (``refinement_report``): orthogonality error ``max|W^T W - I|``, the
+5. signature: ``W_k <- (I + signature * Q S_k Q) W_k`` with ``S_k`` a key-derived random symmetric
+   matrix (spectral norm 1) and ``Q`` the projector onto the complement of the protected span: the
+   customer-specific part of the deviation from orthogonality (the refinement's own deviation is
+   largely shared by all customers);
+6. monitored along the way (``refinement_report``): orthogonality error ``max|W^T W - I|``, the
    served trigger cosine gap and its permutation z-score, and the utility change (mean absolute
    change of reference image-caption cosines; top-1 retrieval agreement).
 

@@ -1,0 +1,3 @@
+from ipshield.cli import main
+
+main()
