@@ -246,7 +246,7 @@ def test_identifies_the_leaking_customer(setup, student):
     rep = identify_customer(setup["wm"], Suspect.from_embedder(CleanEncoder(student)), setup["adapter"], setup["probes"],
                             customers, max_queries=512, alpha=1e-2, n_null_customers=8)
     assert rep.verdict == "stolen" and rep.customer_id == "acme", rep.summary()
-    assert rep.ranking[0]["customer_id"] == "acme" and rep.ranking[1]["p_value"] > 1e-2
+    assert rep.ranking[0]["customer_id"] == "acme" and rep.ranking[1]["p_value"] > 2 * rep.ranking[0]["p_value"]
 
 
 def test_save_load_same_transform(setup, tmp_path):
