@@ -18,6 +18,9 @@ def pretrain_cmd(
     config: Optional[Path] = ConfigOpt,
     overrides: Optional[list[str]] = typer.Argument(None, help="config overrides key=value, e.g. steps=500"),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="zero-shot accuracy per domain at the end"),
+    use_cache: bool = typer.Option(True, "--cache/--no-cache",
+                                   help="a plain preset (no --config, no overrides) is trained into the cache that "
+                                        "small_clip() reuses (or reused from it) and copied to OUT/clip"),
 ):
     """Pretrain the small CLIP on captioned synthetic images (plus the real digits of $IPSHIELD_DIGITS in the default preset); writes OUT/clip (a Hugging Face CLIP folder) and OUT/metrics.json."""
     import yaml
@@ -39,7 +42,21 @@ def pretrain_cmd(
         data.update(loaded)
     cfg = PretrainConfig.build(data, overrides or [])
     run = RunDir(out, "pretrain", cfg, seed=cfg.seed)
-    clip_dir = pretrain(cfg, run.path / "clip", evaluate=evaluate)
+    if use_cache and config is None and not overrides and evaluate:
+        import shutil
+
+        from ipshield.models.tiny_clip import small_clip, small_clip_path
+
+        cached = small_clip_path(preset)
+        if cached.is_dir():
+            typer.echo(f"reusing the cached small CLIP {cached} (run with --no-cache to pretrain again)")
+        cached = small_clip(preset)
+        clip_dir = run.path / "clip"
+        if clip_dir.exists():
+            shutil.rmtree(clip_dir)
+        shutil.copytree(cached, clip_dir)
+    else:
+        clip_dir = pretrain(cfg, run.path / "clip", evaluate=evaluate)
     metrics = summarize_pretraining(clip_dir, preset)
     run.save_metrics(metrics)
     run.finish(model=str(clip_dir))

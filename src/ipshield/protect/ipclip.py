@@ -28,14 +28,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
-import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from ipshield.config import BaseConfig
 from ipshield.data.domain import Domain, ImageSplit, check_same_classes
-from ipshield.errors import CheckpointError, ConfigError, DataError, IPShieldError
+from ipshield.errors import CheckpointError, ConfigError, DataError
 from ipshield.protect.prompting import ClassPromptTemplate, class_prompt_template
 from ipshield.protect.training import cosine_with_warmup, epoch_batches, subsample, train_augment
 from ipshield.registry import METHODS
