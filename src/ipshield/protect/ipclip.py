@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ipshield.distributed import average_gradients, init_from_env, shard
 from ipshield.config import BaseConfig
 from ipshield.data.domain import Domain, ImageSplit, check_same_classes
 from ipshield.errors import CheckpointError, ConfigError, DataError
@@ -688,6 +689,7 @@ def train_ipclip(adapter, authorized: Domain, unauthorized: Sequence[Domain] = (
     import time
 
     config = (config or IPCLIPConfig()).check()
+    init_from_env()
     g = seed_everything(config.seed)
     device = resolve_device(config.device)
     adapter.to(device)
@@ -718,14 +720,21 @@ def train_ipclip(adapter, authorized: Domain, unauthorized: Sequence[Domain] = (
         n_steps = 0
         for idx_a in epoch_batches(len(stream_a), bs, g):
             idx_u = torch.randint(len(stream_u), (len(idx_a),), generator=g)
-            sa = src_a.sample(idx_a, g).to(device)
-            su = src_u.sample(idx_u, g).to(device)
+            sa = src_a.sample(idx_a, g)
+            su = src_u.sample(idx_u, g)
+            # several processes (torchrun): every one draws the same batch, keeps its slice, and the
+            # gradients are averaged below; with one process ``part`` is the whole batch
+            part = shard(torch.arange(len(idx_a)))
+            if len(part) < len(idx_a):
+                sa, su, idx_a, idx_u = sa.index(part), su.index(part), idx_a[part], idx_u[part]
+            sa, su = sa.to(device), su.to(device)
             ya = stream_a.labels[idx_a].to(device)
             yu = stream_u.labels[idx_u].to(device)
             with _autocast(device, config.amp):
                 loss, parts = model.loss(sa, ya, su, yu)
             opt.zero_grad(set_to_none=True)
             loss.backward()
+            average_gradients(model.trainable_parameters(), len(part) / bs)
             opt.step()
             sched.step()
             n_seen += len(idx_a)
