@@ -81,3 +81,18 @@ def test_cli_unknown_config_key_is_a_clear_error(small_clip_dir, tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "epochz" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_demo_end_to_end(small_clip_dir, tmp_path):
+    """The main job on the test preset: table, metrics.json, sample grid and bar chart; IP-CLIP
+    really restricts the small CLIP (the unauthorized mean drops far below zero-shot's)."""
+    from ipshield.cli import main
+
+    out = tmp_path / "demo"
+    main(["demo", "--preset", "test", "--ipclip-epochs", "3", "--out", str(out)])
+    m = json.loads((out / "metrics.json").read_text())
+    assert set(m["accuracy"]) == {"zero-shot", "CoOp", "IP-CLIP"}
+    assert (out / "samples.png").stat().st_size > 10_000 and (out / "accuracy.png").stat().st_size > 10_000
+    s = m["summary"]["ip-clip vs zero-shot"]
+    assert s["acc_u_after_mean"] < 0.6 * sum(s["acc_u_before"].values()) / len(s["acc_u_before"])
+    assert s["acc_a_after"] > 60.0

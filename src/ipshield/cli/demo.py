@@ -40,8 +40,10 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="run folder"),
     authorized: str = typer.Option("clean", "--authorized", help="authorized domain of the embedded default"),
     preset: str = typer.Option("default", "--preset", help="small-CLIP preset (default, or test for a quick look)"),
+    ipclip_epochs: int = typer.Option(10, "--ipclip-epochs", help="IP-CLIP training epochs"),
+    seed: int = typer.Option(0, "--seed"),
 ):
-    """The main job on the embedded default: data, small CLIP, zero-shot and CoOp, before/after table."""
+    """The main job on the embedded default: data, small CLIP, zero-shot, CoOp and IP-CLIP, per-domain table."""
     from ipshield.demo import run_demo
 
-    run_demo(out, authorized=authorized, preset=preset)
+    run_demo(out, authorized=authorized, preset=preset, seed=seed, ipclip_epochs=ipclip_epochs)

@@ -184,7 +184,9 @@ class PretrainConfig(BaseConfig):
 
 PRESETS: dict[str, dict[str, Any]] = {
     # the model every command uses by default (see docs/models.md for the measured time and accuracy)
-    "default": dict(include_digits=True),
+    "default": dict(image_size=24, patch=4, vision_layers=4, vision_width=96, mlp_ratio=2.0, text_layers=2,
+                    text_width=128, embed_dim=128, steps=1200, batch_size=128, lr=1e-3, warmup_steps=100,
+                    include_digits=True, digit_weight=2.0),
     # a much shorter pretraining for the test suite: looser accuracy, about a minute on 2 cores
     "test": dict(image_size=24, patch=4, vision_layers=2, vision_width=64, text_layers=1, text_width=64,
                  embed_dim=64, steps=1200, batch_size=64, lr=2e-3, warmup_steps=50, n_per_domain=600,
