@@ -69,3 +69,28 @@ def test_cli_user_error_has_no_traceback(tmp_path):
     assert proc.returncode == 2, proc.stderr
     assert "error:" in proc.stderr and "fix:" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_api_names_resolve():
+    from ipshield import api
+
+    for name in api.__all__:
+        assert callable(getattr(api, name)), name
+
+
+def test_every_registry_entry_is_usable():
+    """Loops over each registry, so a new plug-in is checked the moment it is registered."""
+    from ipshield.registry import ATTACKS, CLASSIFIERS, DATASETS, METHODS, WATERMARKS
+
+    assert {"zero-shot", "coop", "ip-clip", "ntl-prompt", "sa-map", "sf-map", "df-map", "ntl", "cuti"} <= set(METHODS.names())
+    assert {"synthetic", "digits", "folder"} <= set(DATASETS.names())
+    assert {"vlpmarker", "embmarker"} <= set(WATERMARKS.names())
+    for reg in (METHODS, DATASETS, ATTACKS, WATERMARKS):
+        for name, entry in reg.items():
+            assert callable(entry), f"{reg.kind} {name}"
+    for name, build in CLASSIFIERS.items():
+        net = build(num_classes=10, image_size=32)
+        out = net(torch.rand(2, 3, 32, 32))
+        assert out.shape == (2, 10), name
+        out.sum().backward()
+        assert any(p.grad is not None for p in net.parameters()), name
