@@ -156,10 +156,12 @@ def test_second_architecture_resnet(digits):
     from ipshield.models.classifiers import train_source
     from ipshield.protect.map import MAPConfig, run
 
-    model = train_source("resnet_small", digits["mnist"], epochs=2, n_train=600)
-    s = run(MAPConfig(setting="sa", steps=100, n_train=600), model, digits["mnist"], [digits["usps"]], None)["summary"]
-    assert s["acc_a_after"] > 80.0
-    assert s["acc_u_before"]["usps"] - s["acc_u_after"]["usps"] > 20.0
+    model = train_source("resnet_small", digits["mnist"], epochs=4, lr=5e-3)
+    assert model.train_info["test_accuracy"] > 75.0
+    s = run(MAPConfig(setting="sa", steps=200, n_train=N_TRAIN), model, digits["mnist"], [digits["usps"]], None)["summary"]
+    # measured: authorized 85.7 -> 80.3, USPS 35.3 -> 8.3 (MAP's defaults were tuned on vgg_small)
+    assert s["drop_a"] < 10.0
+    assert s["acc_u_after"]["usps"] < 20.0 and s["acc_u_before"]["usps"] - s["acc_u_after"]["usps"] > 15.0
 
 
 class _NoBN(nn.Module):
