@@ -19,7 +19,7 @@ def _env():
     return env
 
 
-@pytest.mark.parametrize("method", ["coop", "ip-clip"])
+@pytest.mark.parametrize("method", ["coop", "ip-clip", "sa-map"])
 def test_two_processes_match_one(method, small_clip_dir, tmp_path):
     torchrun = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
     if torchrun is None:

@@ -25,6 +25,15 @@ elif method == "ip-clip":
     cfg = IPCLIPConfig(epochs=2, batch_size=16, augment=False, max_train=128, branch=False, lr=0.002)
     model = train_ipclip(adapter, doms["clean"], [doms["inverted"]], cfg, verbose=False)
     tensors = {k: v.detach() for k, v in model.projector.state_dict().items()}
+elif method == "sa-map":
+    from ipshield.models.classifiers import create_classifier
+    from ipshield.protect.map import MAPConfig, protect
+
+    torch.manual_seed(0)
+    source = create_classifier("vgg-tiny", doms["clean"].classes)  # random weights: equality is what is tested
+    cfg = MAPConfig(setting="sa", steps=8, batch_size=16, n_train=64, score_init=0.05, device="cpu")
+    masked, _ = protect(source, cfg, doms["clean"], [doms["inverted"]])
+    tensors = {f"s{i}": p.detach() for i, p in enumerate(masked.scores)}
 else:
     raise SystemExit(f"unknown method {method}")
 if is_main():

@@ -34,6 +34,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from ipshield.distributed import average_gradients, init_from_env, shard
 from ipshield.data.domain import Domain
 from ipshield.errors import IPShieldError
 from ipshield.protect.restrict import (
@@ -316,6 +317,7 @@ def train_masks(masked: MaskedClassifier, source_model: nn.Module, x_src: torch.
     from ipshield.protect.shifts import neighbour_shift
 
     device = torch.device(config.device)
+    init_from_env()
     g = torch.Generator().manual_seed(config.seed + 7)
     p_src = _probs(source_model, x_src, device)
     src = BatchStream(x_src, p_src, batch_size=config.batch_size, generator=g)
@@ -338,6 +340,12 @@ def train_masks(masked: MaskedClassifier, source_model: nn.Module, x_src: torch.
             xt, pt = tgt.next()
         if config.augment:
             xs, xt = _random_shift(xs, 2, g), _random_shift(xt, 2, g)
+        # several processes (torchrun): each keeps its slice of the same batch; gradients are
+        # averaged below (BatchNorm runs on the source statistics, so the slices are independent)
+        full = len(xs)
+        part = shard(torch.arange(full))
+        if len(part) < full:
+            xs, ps, xt, pt = xs[part], ps[part], xt[part], pt[part]
         xs, ps, xt, pt = xs.to(device), ps.to(device), xt.to(device), pt.to(device)
         logits = masked(torch.cat([xs, xt]))
         l_src = kl_to_reference(ps, logits[: len(xs)])
@@ -353,6 +361,7 @@ def train_masks(masked: MaskedClassifier, source_model: nn.Module, x_src: torch.
             loss = loss + config.sparsity_penalty * torch.stack([torch.relu(-s).mean() for s in masked.scores]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        average_gradients(list(masked.scores.parameters()), len(part) / full)
         opt.step()
         sched.step()
         if step % 25 == 0 or step == config.steps - 1:
