@@ -93,4 +93,4 @@ def zero_shot_cmd(
         acc = run_zero_shot(adapter, doms, out, cfg, model_path=str(path))["accuracy"]["after"]
     else:
         acc = evaluate_zero_shot(adapter, doms, config=cfg)
-    print_accuracy_table({"zero-shot": acc}, None, f"zero-shot accuracy (%) - {path}")
+    print_accuracy_table({"zero-shot": acc}, None, f"zero-shot accuracy (%) of {Path(path).name}")
