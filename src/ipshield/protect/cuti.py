@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from ipshield.data.domain import Domain
 from ipshield.protect.restrict import (
     BatchStream,
-    RestrictionConfig,
+    FinetuneRestrictionConfig,
     RestrictionMethod,
     check_classes,
     evaluate,
@@ -48,15 +48,7 @@ from ipshield.registry import METHODS
 from ipshield.utils import progress, seed_everything
 
 
-class CUTIConfig(RestrictionConfig):
-    target_free: bool = False
-    steps: int = 300
-    batch_size: int = 32
-    #: [ours] 3e-4 rather than the protocol's 1e-4: a few hundred steps from the source model
-    #: instead of 30 epochs from ImageNet features
-    lr: float = 3e-4
-    lr_decay: float = 0.999
-    alpha: float = 0.1
+class CUTIConfig(FinetuneRestrictionConfig):
     #: restyle the unauthorized half on every n-th iteration
     restyle_every: int = 2
     #: "fixed": 1x1 style convs drawn once (seeded) and kept; "resample": new random convs at every

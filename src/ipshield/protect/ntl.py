@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from ipshield.data.domain import Domain
 from ipshield.protect.restrict import (
     BatchStream,
-    RestrictionConfig,
+    FinetuneRestrictionConfig,
     RestrictionMethod,
     check_classes,
     evaluate,
@@ -47,16 +47,7 @@ from ipshield.registry import METHODS
 from ipshield.utils import progress, seed_everything
 
 
-class NTLConfig(RestrictionConfig):
-    target_free: bool = False
-    steps: int = 300
-    batch_size: int = 32
-    #: [ours] 3e-4 rather than the protocol's 1e-4: a few hundred steps from the source model
-    #: instead of 30 epochs from ImageNet features
-    lr: float = 3e-4
-    #: learning-rate decay per step
-    lr_decay: float = 0.999
-    alpha: float = 0.1
+class NTLConfig(FinetuneRestrictionConfig):
     #: phi = output of this many feature stages
     mmd_stages: int = 2
     n_kernels: int = 5

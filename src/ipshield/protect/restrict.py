@@ -48,6 +48,20 @@ class RestrictionConfig(BaseConfig):
     watermark_stride: int = 2
 
 
+class FinetuneRestrictionConfig(RestrictionConfig):
+    """Options common to the methods that fine-tune the source model (NTL, CUTI-domain)."""
+
+    #: generated neighbourhood data replaces the unauthorized domain
+    target_free: bool = False
+    #: [ours] 3e-4 rather than the protocol's 1e-4: a few hundred steps from the source model
+    #: instead of 30 epochs from ImageNet features
+    lr: float = 3e-4
+    #: learning-rate decay per step
+    lr_decay: float = 0.999
+    #: weight of the unauthorized term
+    alpha: float = 0.1
+
+
 @dataclass(frozen=True)
 class RestrictionMethod:
     """A registered protection method: its config class, defaults and ``run``."""
