@@ -89,7 +89,7 @@ def test_demo_end_to_end(small_clip_dir, tmp_path):
     from ipshield.cli import main
 
     out = tmp_path / "demo"
-    main(["demo", "--preset", "test", "--ipclip-epochs", "3", "--out", str(out)])
+    main(["demo", "--preset", "test", "--ipclip-epochs", "8", "--ipclip-lr", "0.002", "--out", str(out)])
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["accuracy"]) == {"zero-shot", "CoOp", "IP-CLIP"}
     assert (out / "samples.png").stat().st_size > 10_000 and (out / "accuracy.png").stat().st_size > 10_000

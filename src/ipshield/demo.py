@@ -16,7 +16,7 @@ from rich.console import Console
 
 
 def run_demo(out: str | Path, authorized: str = "clean", preset: str = "default", seed: int = 0,
-             ipclip_epochs: int = 10) -> dict:
+             ipclip_epochs: int = 30, ipclip_lr: float = 0.005) -> dict:
     from ipshield.data.preview import preview_grid
     from ipshield.data.synthetic import load_synthetic
     from ipshield.models.clip import load_clip
@@ -67,7 +67,7 @@ def run_demo(out: str | Path, authorized: str = "clean", preset: str = "default"
     t = time.perf_counter()
     others = [domains[d] for d in domains if d != authorized]
     ipclip = train_ipclip(adapter, domains[authorized], others,
-                          IPCLIPConfig(epochs=ipclip_epochs, max_train=500, augment=False, lr=0.002, seed=seed))
+                          IPCLIPConfig(epochs=ipclip_epochs, max_train=500, augment=False, lr=ipclip_lr, seed=seed))
     acc["IP-CLIP"] = accuracy_by_domain(ipclip, domains)
     ipclip.save(run.path / "ip-clip")
     timings["ip_clip"] = time.perf_counter() - t

@@ -40,10 +40,11 @@ def demo(
     out: Path = typer.Option(Path("runs/demo"), "--out", help="run folder"),
     authorized: str = typer.Option("clean", "--authorized", help="authorized domain of the embedded default"),
     preset: str = typer.Option("default", "--preset", help="small-CLIP preset (default, or test for a quick look)"),
-    ipclip_epochs: int = typer.Option(10, "--ipclip-epochs", help="IP-CLIP training epochs"),
+    ipclip_epochs: int = typer.Option(30, "--ipclip-epochs", help="IP-CLIP training epochs"),
+    ipclip_lr: float = typer.Option(0.005, "--ipclip-lr", help="IP-CLIP learning rate"),
     seed: int = typer.Option(0, "--seed"),
 ):
     """The main job on the embedded default: data, small CLIP, zero-shot, CoOp and IP-CLIP, per-domain table."""
     from ipshield.demo import run_demo
 
-    run_demo(out, authorized=authorized, preset=preset, seed=seed, ipclip_epochs=ipclip_epochs)
+    run_demo(out, authorized=authorized, preset=preset, seed=seed, ipclip_epochs=ipclip_epochs, ipclip_lr=ipclip_lr)
