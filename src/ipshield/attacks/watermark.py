@@ -25,7 +25,7 @@ import copy
 import math
 import time
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import torch
 import torch.nn.functional as F

@@ -27,7 +27,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import torch
 
 from ipshield.config import BaseConfig
 from ipshield.runs import write_json

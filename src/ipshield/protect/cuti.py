@@ -34,11 +34,9 @@ from ipshield.protect.restrict import (
     BatchStream,
     FinetuneRestrictionConfig,
     RestrictionMethod,
-    check_classes,
-    evaluate,
     finish_run,
+    prepare_run,
     require_classifier,
-    resolve_scenario,
     set_bn_mode,
     staged_net,
     step_decay,
@@ -162,9 +160,7 @@ def run(config: CUTIConfig, source_model, authorized: Domain, unauthorized: list
     """Protect with CUTI-domain."""
     t0 = time.time()
     require_classifier(source_model)
-    unauth = resolve_scenario(config, authorized, unauthorized)
-    check_classes(source_model, [authorized, *unauth])
-    before = evaluate(source_model, {d.name: d for d in [authorized, *unauth]}, config.n_test, config.seed, config.image_size)
+    unauth, before = prepare_run(config, source_model, authorized, unauthorized)
     protected, info = protect(source_model, config, authorized, unauth)
     return finish_run("cuti", config, source_model, protected, authorized, unauth, out, t0, before=before,
                       style_convs=config.style_convs, target_free=config.target_free, history=info["history"])

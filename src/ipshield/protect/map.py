@@ -41,11 +41,10 @@ from ipshield.protect.restrict import (
     BatchStream,
     RestrictionConfig,
     RestrictionMethod,
-    check_classes,
     evaluate,
     finish_run,
+    prepare_run,
     kl_to_reference,
-    resolve_scenario,
     train_tensors,
 )
 from ipshield.registry import METHODS
@@ -427,9 +426,7 @@ def run(config: MAPConfig, source_model, authorized: Domain, unauthorized: list[
     maskable = maskable_weights(source_model)
     if not maskable:
         MaskedClassifier(source_model)  # raises the clear error
-    unauth = resolve_scenario(config, authorized, unauthorized)
-    check_classes(source_model, [authorized, *unauth])
-    before = evaluate(source_model, {d.name: d for d in [authorized, *unauth]}, config.n_test, config.seed, config.image_size)
+    unauth, before = prepare_run(config, source_model, authorized, unauthorized)
     masked, info = protect(source_model, config, authorized, unauth, pseudo_source)
     protected = masked.export()
     name = f"{config.setting}-map"

@@ -32,12 +32,10 @@ from ipshield.protect.restrict import (
     BatchStream,
     FinetuneRestrictionConfig,
     RestrictionMethod,
-    check_classes,
-    evaluate,
     finish_run,
+    prepare_run,
     mmd_multi_kernel,
     require_classifier,
-    resolve_scenario,
     set_bn_mode,
     staged_net,
     step_decay,
@@ -120,9 +118,7 @@ def run(config: NTLConfig, source_model, authorized: Domain, unauthorized: list[
     """Protect with NTL (target-specified, or target-free when ``config.target_free``)."""
     t0 = time.time()
     require_classifier(source_model)
-    unauth = resolve_scenario(config, authorized, unauthorized)
-    check_classes(source_model, [authorized, *unauth])
-    before = evaluate(source_model, {d.name: d for d in [authorized, *unauth]}, config.n_test, config.seed, config.image_size)
+    unauth, before = prepare_run(config, source_model, authorized, unauthorized)
     protected, info = protect(source_model, config, authorized, unauth)
     name = "ntl-tf" if config.target_free else "ntl"
     return finish_run(name, config, source_model, protected, authorized, unauth, out, t0, before=before,

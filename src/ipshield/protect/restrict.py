@@ -221,6 +221,16 @@ def build_metrics(method: str, authorized: Domain, unauthorized: Sequence[Domain
     }
 
 
+def prepare_run(config: RestrictionConfig, source_model, authorized: Domain,
+                unauthorized: Sequence[Domain]) -> tuple[list[Domain], dict[str, float]]:
+    """The start every classifier method shares: the scenario's unauthorized domains, a check of
+    the classes, and the source model's accuracy on every domain ("before")."""
+    unauth = resolve_scenario(config, authorized, unauthorized)
+    check_classes(source_model, [authorized, *unauth])
+    before = evaluate(source_model, {d.name: d for d in [authorized, *unauth]}, config.n_test, config.seed, config.image_size)
+    return unauth, before
+
+
 def finish_run(method: str, config: RestrictionConfig, source_model, protected, authorized: Domain,
                unauthorized: Sequence[Domain], out: str | Path | None, t0: float, extra_domains: Sequence[Domain] = (),
                before: dict[str, float] | None = None, **extra: Any) -> dict[str, Any]:

@@ -21,7 +21,6 @@ import asyncio
 import contextlib
 import hashlib
 import logging
-import time
 from dataclasses import dataclass
 from typing import Annotated, Any, Union
 

@@ -10,7 +10,6 @@ import os
 from pathlib import Path
 from typing import Sequence
 
-import torch
 
 from ipshield.errors import IPShieldError
 from ipshield.runs import RunDir

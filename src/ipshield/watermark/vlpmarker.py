@@ -55,7 +55,6 @@ run folder (only in the watermark folder, which the owner keeps).
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Sequence
