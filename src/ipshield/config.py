@@ -31,25 +31,29 @@ class BaseConfig(BaseModel):
 
     @classmethod
     def from_yaml(cls: type[C], path: str | Path | None, overrides: list[str] | None = None) -> C:
-        data: dict[str, Any] = {}
-        if path is not None:
-            p = Path(path)
-            if not p.is_file():
-                raise ConfigError(f"config file {p} does not exist", "give the path of a YAML file")
-            try:
-                loaded = yaml.safe_load(p.read_text()) or {}
-            except yaml.YAMLError as exc:
-                raise ConfigError(f"config file {p} is not valid YAML: {exc}", "fix the YAML syntax") from None
-            if not isinstance(loaded, dict):
-                raise ConfigError(f"config file {p} must hold a mapping of keys to values", "write key: value lines")
-            data = loaded
-        return cls.build(data, overrides)
+        return cls.build(read_yaml(path), overrides)
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def read_yaml(path: str | Path | None) -> dict[str, Any]:
+    """A YAML config file as a mapping ({} for None); a clear ConfigError when missing or malformed."""
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file {p} does not exist", "give the path of a YAML file")
+    try:
+        loaded = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"config file {p} is not valid YAML: {exc}", "fix the YAML syntax") from None
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"config file {p} must hold a mapping of keys to values", "write key: value lines")
+    return loaded
 
 
 def _apply_override(data: dict[str, Any], item: str) -> None:

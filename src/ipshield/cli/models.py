@@ -23,8 +23,7 @@ def pretrain_cmd(
                                         "small_clip() reuses (or reused from it) and copied to OUT/clip"),
 ):
     """Pretrain the small CLIP on captioned synthetic images (plus the real digits of $IPSHIELD_DIGITS in the default preset); writes OUT/clip (a Hugging Face CLIP folder) and OUT/metrics.json."""
-    import yaml
-
+    from ipshield.config import read_yaml
     from ipshield.errors import ConfigError
     from ipshield.models.tiny_clip import PRESETS, PretrainConfig, pretrain, summarize_pretraining
     from ipshield.report.tables import print_accuracy_table
@@ -33,13 +32,7 @@ def pretrain_cmd(
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset '{preset}'", f"choose one of: {', '.join(PRESETS)}")
     data = dict(PRESETS[preset])
-    if config is not None:
-        if not config.is_file():
-            raise ConfigError(f"config file {config} does not exist", "give the path of a YAML file")
-        loaded = yaml.safe_load(config.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config file {config} must hold a mapping of keys to values", "write key: value lines")
-        data.update(loaded)
+    data.update(read_yaml(config))
     cfg = PretrainConfig.build(data, overrides or [])
     run = RunDir(out, "pretrain", cfg, seed=cfg.seed)
     if use_cache and config is None and not overrides and evaluate:

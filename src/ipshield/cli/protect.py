@@ -54,24 +54,6 @@ def train_source_cmd(
     typer.echo(f"trained {model.arch} on {name}: test accuracy {model.train_info['test_accuracy']:.1f}% -> {out}")
 
 
-def _read_yaml(path: Optional[Path]) -> dict:
-    import yaml
-
-    from ipshield.errors import ConfigError
-
-    if path is None:
-        return {}
-    if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist", "give the path of a YAML file")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"config file {path} is not valid YAML: {exc}", "fix the YAML syntax") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"config file {path} must hold a mapping of keys to values", "write key: value lines")
-    return data
-
-
 def _run_method(method: str, authorized: str, unauthorized: Optional[str], out: Path, source_model: Optional[Path],
                 source: str, root: Optional[Path], scenario: str, config: Optional[Path], overrides: Optional[list[str]],
                 seed: Optional[int], extra: dict) -> None:
@@ -80,7 +62,9 @@ def _run_method(method: str, authorized: str, unauthorized: Optional[str], out: 
     from ipshield.registry import METHODS
 
     spec = METHODS.get(method)
-    data = _read_yaml(config)
+    from ipshield.config import read_yaml
+
+    data = read_yaml(config)
     data.update(extra)
     data["scenario"] = scenario
     if seed is not None:
