@@ -89,10 +89,22 @@ def test_demo_end_to_end(small_clip_dir, tmp_path):
     from ipshield.cli import main
 
     out = tmp_path / "demo"
-    main(["demo", "--preset", "test", "--ipclip-epochs", "8", "--ipclip-lr", "0.002", "--out", str(out)])
+    main(["demo", "--preset", "test", "--ipclip-epochs", "8", "--ipclip-lr", "0.002", "--out", str(out),
+          "--steal-pairs", "3000", "--steal-epochs", "6", "--innocent-steps", "60"])
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["accuracy"]) == {"zero-shot", "CoOp", "IP-CLIP"}
     assert (out / "samples.png").stat().st_size > 10_000 and (out / "accuracy.png").stat().st_size > 10_000
     s = m["summary"]["ip-clip vs zero-shot"]
     assert s["acc_u_after_mean"] < 0.6 * sum(s["acc_u_before"].values()) / len(s["acc_u_before"])
     assert s["acc_a_after"] > 60.0
+    # the watermark part: utility kept, the thief verified, the innocent model not flagged
+    w = m["watermark"]
+    assert w["max_abs_zero_shot_change"] <= 0.5
+    v = {r["suspect"]: r for r in w["verification"]}
+    assert v["innocent model"]["verdict"] == "not-detected", v
+    assert v["relay of the service, rotated"]["verdict"] == "stolen", v
+    assert v["thief (student)"]["p_value"] < 1e-3 and v["thief (student)"]["strongest_test"] == "distribution", v
+    assert w["identified"] == w["thief"]
+    assert (out / "watermark.md").is_file() and (out / "owner" / "key.json").is_file()
+    secret = json.loads((out / "owner" / "key.json").read_text())["secret_hex"]
+    assert secret not in (out / "metrics.json").read_text() + (out / "watermark.md").read_text()

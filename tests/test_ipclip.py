@@ -102,6 +102,47 @@ def test_cached_features_equal_the_naive_path(small_clip, synthetic_domains):
         assert abs(fast.history[0][k] - slow.history[0][k]) < 1e-3, (k, fast.history[0], slow.history[0])
 
 
+def test_per_sample_clip_keeps_pushing_unclipped_samples(small_clip, synthetic_domains):
+    """[ours] clip_per_sample: with the batch-mean clip a batch whose mean CE is past the clip
+    gives L_u no gradient at all; clipped per sample, the samples below the clip still get one."""
+    doms = synthetic_domains
+    xa = doms[AUTH].test.subset(range(8)).to_tensor()
+    xu = doms[UNAUTH].test.subset(range(8)).to_tensor()
+    ya = torch.from_numpy(doms[AUTH].test.labels[:8]).long()
+    yu = torch.from_numpy(doms[UNAUTH].test.labels[:8]).long()
+    sa, su = visual_stats(small_clip, xa), visual_stats(small_clip, xu)
+    only_u = dict(device="cpu", branch=False, w_a=0.0, w_dom=0.0, w_ent=0.0, w_kl=0.0)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        _, parts = IPCLIP(small_clip, doms[AUTH].classes, IPCLIPConfig(**only_u)).loss(sa, ya, su, yu)
+    clip = parts["u"] - 0.05  # just under the batch mean: the batch is clipped, some samples are not
+    grads = {}
+    for per_sample in (False, True):
+        torch.manual_seed(0)
+        model = IPCLIP(small_clip, doms[AUTH].classes, IPCLIPConfig(**only_u, clip_value=clip, clip_per_sample=per_sample))
+        loss, _ = model.loss(sa, ya, su, yu)
+        if loss.requires_grad:
+            loss.backward()
+        grads[per_sample] = sum(float(p.grad.abs().sum()) for p in model.projector.parameters() if p.grad is not None)
+    assert grads[False] == 0.0 and grads[True] > 0.0, grads
+
+
+def test_watermark_stride_option(synthetic_domains):
+    from ipshield.protect.ipclip import watermark_fn
+
+    x = torch.zeros(2, 3, 32, 32)
+    assert watermark_fn(2)(x).mean() == pytest.approx(0.75)  # the spec's pattern: 3/4 of a 32 px image
+    assert watermark_fn(8)(x).mean() == pytest.approx(1 - (7 / 8) ** 2)
+    cfg = IPCLIPConfig(scenario="ownership", watermark_stride=8, device="cpu")
+    _, sets = evaluation_sets({AUTH: synthetic_domains[AUTH]}, AUTH, cfg.scenario, cfg.watermark_stride)
+    split, tf = sets[AUTH + "+watermark"]
+    assert tf(x).mean() == pytest.approx(1 - (7 / 8) ** 2)
+    stream_a, stream_u = build_streams(synthetic_domains[AUTH], [], "ownership", 8, 0, watermark_stride=8)
+    g = torch.Generator().manual_seed(0)
+    wm = stream_u.batch(torch.arange(4), g, augment=False)
+    assert (wm[..., ::8, :] == 1).all() and not (wm[..., 1::8, 1::8] == 1).all()
+
+
 def test_cosine_schedule_is_stepped_per_step(small_clip, synthetic_domains):
     cfg = IPCLIPConfig(**{**FAST, "epochs": 3, "max_train": 32, "warmup_epochs": 1, "batch_size": 8})
     model = train_ipclip(small_clip, synthetic_domains[AUTH], [synthetic_domains[UNAUTH]], cfg, verbose=False)

@@ -110,12 +110,13 @@ def teacher_dir(request):
 
 @pytest.fixture(scope="module")
 def innocent_dirs(teacher_dir):
-    """Two very short independent pretrainings (other seeds; the second on other data)."""
+    """Five very short independent pretrainings (other seeds; every second one on other data)."""
     from ipshield.models.tiny_clip import preset_config, pretrain
     from ipshield.utils import cache_dir
 
     out = []
-    for i, extra in enumerate([["seed=101"], ["seed=202", "data_seed=77"]]):
+    for i, extra in enumerate([["seed=101"], ["seed=202", "data_seed=77"], ["seed=303"], ["seed=404", "data_seed=88"],
+                               ["seed=505"]]):
         d = cache_dir() / "test_watermark" / f"innocent-{i}"
         if not (d / "model.safetensors").is_file():
             pretrain(preset_config("test", ["steps=40", "n_per_domain=150", "eval_n_test=20", *extra]), d, show_progress=False)
@@ -168,7 +169,6 @@ def _verify(setup, suspect, customer="acme", **kw):
     from ipshield.watermark.verify import Suspect, verify
 
     s = suspect if isinstance(suspect, Suspect) else Suspect.from_embedder(suspect)
-    kw.setdefault("n_null_customers", 8)
     return verify(setup["wm"], s, setup["adapter"], setup["probes"], customer, **kw), s
 
 
@@ -224,6 +224,9 @@ def test_rotation_and_permutation_do_not_evade(setup, innocent_dirs):
     for attacked in (rotate(served, dim=dim), permute(served, dim=dim)):
         rep, _ = _verify(setup, attacked)
         assert rep.tests["distribution"].p_value > 1e-3  # the W^-1 test is evaded ...
+        # ... the covariance test (W_k W_k^T, key-specific) is not, and needs no calibration
+        assert rep.tests["covariance"].p_value <= 1e-6 and rep.verdict == "stolen", rep.summary()
+        assert abs(rep.tests["covariance"].z - plain.tests["covariance"].z) < 1e-3
         assert abs(rep.tests["procrustes"].test_mean_cos - plain.tests["procrustes"].test_mean_cos) < 1e-4
         assert recalibrate(rep, cal).verdict == "stolen", recalibrate(rep, cal).summary()
 
@@ -236,6 +239,7 @@ def test_rotated_student_keeps_its_procrustes_statistic(setup, student):
     rot, _ = _verify(setup, rotate(CleanEncoder(student), dim=int(student.embed_dim)))
     assert rot.tests["distribution"].p_value > 1e-2 and plain.tests["distribution"].p_value <= 1e-3
     assert abs(rot.tests["procrustes"].test_mean_cos - plain.tests["procrustes"].test_mean_cos) < 1e-4
+    assert abs(rot.tests["covariance"].z - plain.tests["covariance"].z) < 1e-3  # rotation-invariant
 
 
 def test_identifies_the_leaking_customer(setup, student):
@@ -244,7 +248,7 @@ def test_identifies_the_leaking_customer(setup, student):
 
     customers = ["north", "south", "acme", "east", "west"]
     rep = identify_customer(setup["wm"], Suspect.from_embedder(CleanEncoder(student)), setup["adapter"], setup["probes"],
-                            customers, max_queries=512, alpha=1e-2, n_null_customers=8)
+                            customers, max_queries=512, alpha=1e-2)
     assert rep.verdict == "stolen" and rep.customer_id == "acme", rep.summary()
     assert rep.ranking[0]["customer_id"] == "acme" and rep.ranking[1]["p_value"] > 2 * rep.ranking[0]["p_value"]
 
@@ -321,3 +325,42 @@ def test_embmarker_verifies_its_own_stolen_copy(setup, teacher_dir, innocent_dir
     for d in innocent_dirs:
         r = verify(em, Suspect.from_embedder(CleanEncoder(load_clip(d))), adapter, setup["probes"], "acme", alpha=1e-2)
         assert r.verdict == "not-detected", r.summary()
+
+
+def test_cli_keygen_apply_calibrate_verify(teacher_dir, innocent_dirs, tmp_path):
+    """The owner's workflow through the CLI: the calibration on innocent models lands in the
+    watermark folder, and `verify` uses it."""
+    from ipshield.cli import main as cli_main
+
+    def main(argv) -> int:
+        try:
+            cli_main(argv)
+        except SystemExit as exc:
+            return int(exc.code or 0)
+        return 0
+
+    key = tmp_path / "key.json"
+    wm = tmp_path / "wm"
+    assert main(["watermark", "keygen", "--out", str(key), "--model", str(teacher_dir)]) == 0
+    assert main(["watermark", "apply", "--key", str(key), "--model", str(teacher_dir), "--out", str(wm),
+                 "--customers", "acme,beta", "--n-reference", "200", "--set", "n_triggers=32", "--set", "pool_factor=2",
+                 "--set", "steps=40", "--set", "n_utility=64"]) == 0
+    # too few innocents: a clear error before any work
+    assert main(["watermark", "calibrate", "--key", str(key), "--watermark", str(wm), "--out", str(tmp_path / "c0"),
+                 "--innocent", str(innocent_dirs[0])]) == 2
+    args = ["watermark", "calibrate", "--key", str(key), "--watermark", str(wm), "--out", str(tmp_path / "cal")]
+    for d in innocent_dirs:
+        args += ["--innocent", str(d)]
+    assert main(args) == 0
+    m = json.loads((tmp_path / "cal" / "metrics.json").read_text())
+    assert m["n_innocent"] == len(innocent_dirs) and m["false_positives"] == 0
+    assert len(m["innocents"]) == len(innocent_dirs) and all(set(r["p_values"]) == {"acme", "beta"} for r in m["innocents"])
+    cal = json.loads((wm / "watermark.json").read_text())["calibration"]
+    assert cal["n_innocent"] == len(innocent_dirs) and cal["procrustes_sd"] >= 0.02 and cal["threshold"] <= 1e-6
+    # verify reads the calibration: the Procrustes test is in the decision
+    assert main(["verify", "--model", str(innocent_dirs[0]), "--key", str(key), "--watermark", str(wm),
+                 "--customer", "acme", "--out", str(tmp_path / "v")]) == 0
+    v = json.loads((tmp_path / "v" / "metrics.json").read_text())
+    assert v["verdict"] == "not-detected" and v["tests"]["procrustes"]["in_decision"] is True
+    text = (tmp_path / "cal" / "metrics.json").read_text() + (wm / "watermark.json").read_text()
+    assert json.loads(key.read_text())["secret_hex"] not in text

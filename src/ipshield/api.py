@@ -53,6 +53,7 @@ _NAMES: dict[str, tuple[str, str]] = {
     "apply_watermark": ("ipshield.watermark.run", "apply_watermark"),     # watermark apply
     "extract": ("ipshield.watermark.run", "run_extract"),                 # attack extract
     "verify": ("ipshield.watermark.run", "run_verify"),                   # verify
+    "calibrate_watermark": ("ipshield.watermark.run", "run_calibrate"),   # watermark calibrate
     # evidence
     "summarize_restriction": ("ipshield.metrics", "summarize_restriction"),
     "run_suite": ("ipshield.bench.harness", "run_suite"),                 # bench SUITE

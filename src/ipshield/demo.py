@@ -4,7 +4,10 @@
 2. pretrain the small CLIP (or reuse the cached one);
 3. zero-shot CLIP and CoOp (unprotected) and IP-CLIP (restricted to the authorized domain, every
    other built-in domain unauthorized), evaluated on every domain;
-4. print a per-domain accuracy table; write metrics.json and a bar chart into the run folder.
+4. print a per-domain accuracy table; write metrics.json and a bar chart into the run folder;
+5. watermark the small CLIP's embedding service (VLPMarker), steal it (a student trained on the
+   service's answers), and verify the thief, the thief's rotated copy and an innocent model
+   (an independently pretrained small CLIP): a verdict table, ``watermark.md`` and metrics.
 """
 
 from __future__ import annotations
@@ -16,7 +19,8 @@ from rich.console import Console
 
 
 def run_demo(out: str | Path, authorized: str = "clean", preset: str = "default", seed: int = 0,
-             ipclip_epochs: int = 30, ipclip_lr: float = 0.005) -> dict:
+             ipclip_epochs: int = 30, ipclip_lr: float = 0.005, watermark: bool = True, steal_pairs: int = 6000,
+             steal_epochs: int = 6, innocent_steps: int | None = None) -> dict:
     from ipshield.data.preview import preview_grid
     from ipshield.data.synthetic import load_synthetic
     from ipshield.models.clip import load_clip
@@ -87,7 +91,91 @@ def run_demo(out: str | Path, authorized: str = "clean", preset: str = "default"
         "accuracy": acc,
         "timings_s": timings,
     }
+    if watermark:
+        t = time.perf_counter()
+        metrics["watermark"] = watermark_demo(adapter, clip_dir, preset, run.path, console, seed, steal_pairs,
+                                              steal_epochs, innocent_steps)
+        timings["watermark"] = time.perf_counter() - t
     run.save_metrics(metrics)
     run.finish()
-    console.print(f"run folder: {run.path}  (metrics.json, accuracy.png, samples.png)")
+    console.print(f"run folder: {run.path}  (metrics.json, accuracy.png, samples.png"
+                  f"{', watermark.md' if watermark else ''})")
     return metrics
+
+
+def watermark_demo(adapter, clip_dir: Path, preset: str, out: Path, console, seed: int = 0, steal_pairs: int = 6000,
+                   steal_epochs: int = 6, innocent_steps: int | None = None) -> dict:
+    """Watermark the small CLIP's service (VLPMarker, 3 customers), let customer-1 steal it, verify
+    the thief (as is and rotated) and an innocent model. The owner's key and watermark folder go to
+    ``out/owner`` (mode 700); nothing secret is printed or written elsewhere."""
+    import os
+
+    from rich.table import Table
+
+    from ipshield.attacks.watermark import ExtractConfig, extract_student, query_service, rotate
+    from ipshield.data.synthetic import load_synthetic
+    from ipshield.models.clip import load_clip
+    from ipshield.models.tiny_clip import preset_config, small_clip
+    from ipshield.watermark.base import CleanEncoder, reference_from_synthetic, zero_shot_accuracy
+    from ipshield.watermark.keys import MasterKey
+    from ipshield.watermark.verify import Suspect, identify_customer, verify
+    from ipshield.watermark.vlpmarker import VLPMarker, VLPMarkerConfig
+
+    customers, thief = ["customer-0", "customer-1", "customer-2"], "customer-1"
+    owner = out / "owner"
+    owner.mkdir(parents=True, exist_ok=True)
+    os.chmod(owner, 0o700)
+    key = MasterKey.generate(int(adapter.embed_dim))
+    key.save(owner / "key.json")
+    wm = VLPMarker.fit(adapter, key, reference_from_synthetic(600, seed=1), VLPMarkerConfig())
+    wm.save(owner / "vlpmarker")
+    service = wm.encoder(adapter, thief)
+    doms = load_synthetic(n_train=200, n_test=300, seed=seed)
+    zs_clean = zero_shot_accuracy(CleanEncoder(adapter), doms)
+    zs_served = zero_shot_accuracy(service, doms)
+    change = max(abs(zs_served[d] - zs_clean[d]) for d in zs_clean)
+    console.print(f"[bold]watermark[/]: VLPMarker for {len(customers)} customers; zero-shot change under the "
+                  f"watermark: max {change:.2f} points")
+
+    public = reference_from_synthetic(steal_pairs, seed=5, split="train")
+    targets = query_service(service, public, steal_pairs)
+    student, info = extract_student(None, public, clip_dir, ExtractConfig(n_queries=steal_pairs, epochs=steal_epochs,
+                                                                          seed=seed), targets=targets)
+    zs_student = zero_shot_accuracy(CleanEncoder(student), doms)
+    console.print(f"[bold]theft[/]: {thief} sent {info['queries']} queries; the student's zero-shot mean "
+                  f"{sum(zs_student.values()) / len(zs_student):.1f}% (service "
+                  f"{sum(zs_clean.values()) / len(zs_clean):.1f}%)")
+
+    # an innocent model: the same recipe, independently pretrained (other seed, other data)
+    steps = innocent_steps or max(100, preset_config(preset).steps // 2)
+    innocent = load_clip(small_clip(preset, [f"seed={seed + 1}", f"data_seed={seed + 11}", f"steps={steps}"],
+                                    show_progress=False))
+    probes = reference_from_synthetic(512, seed=9)
+    suspects = {"thief (student)": CleanEncoder(student),
+                "thief, rotated": rotate(CleanEncoder(student), dim=int(adapter.embed_dim)),
+                "innocent model": CleanEncoder(innocent),
+                "relay of the service, rotated": rotate(service, dim=int(adapter.embed_dim))}
+    rows = []
+    table = Table(title=f"ownership verification of {thief}'s watermark (at most 512 queries, alpha 1e-6)")
+    for col in ("suspect", "verdict", "p-value", "strongest test", "queries"):
+        table.add_column(col)
+    for name, emb in suspects.items():
+        rep = verify(wm, Suspect.from_embedder(emb, name=name), adapter, probes, thief, max_queries=512)
+        best = min((t for t in rep.tests.values() if t.in_decision and t.p_value == t.p_value),
+                   key=lambda t: t.p_value, default=None)
+        rows.append({"suspect": name, "verdict": rep.verdict, "p_value": rep.p_value,
+                     "strongest_test": best.name if best else None, "queries": rep.queries["total"],
+                     "p": {k: t.p_value for k, t in rep.tests.items()}})
+        table.add_row(name, rep.verdict, f"{rep.p_value:.2g}", best.name if best else "-", str(rep.queries["total"]))
+    console.print(table)
+    who = identify_customer(wm, Suspect.from_embedder(CleanEncoder(student)), adapter, probes, customers, max_queries=512)
+    top = who.ranking[0]["customer_id"]
+    console.print(f"[bold]leak traced to[/]: {top} (p={who.p_value:.2g} among {len(customers)} customers, "
+                  f"{'significant' if who.verdict == 'stolen' else 'not significant'} at 1e-6; true: {thief})")
+    lines = ["| suspect | verdict | p-value | strongest test | queries |", "|---|---|---|---|---|"]
+    lines += [f"| {r['suspect']} | {r['verdict']} | {r['p_value']:.2g} | {r['strongest_test']} | {r['queries']} |" for r in rows]
+    (out / "watermark.md").write_text("\n".join(lines) + "\n")
+    return {"scheme": "vlpmarker", "customers": customers, "thief": thief, "zero_shot_clean": zs_clean,
+            "zero_shot_served": zs_served, "max_abs_zero_shot_change": change, "student_zero_shot": zs_student,
+            "student_queries": info["queries"], "innocent_steps": steps, "verification": rows,
+            "identified": top, "identified_verdict": who.verdict, "identified_p": who.p_value}

@@ -47,7 +47,7 @@ class WatermarkBenchConfig(BaseConfig):
     n_probes: int = 512
     #: innocent models: short pretrainings of the small CLIP's architecture
     n_innocent: int = 10
-    innocent_steps: int = 150
+    innocent_steps: int = 600
     #: the first ones have the service's architecture; the others a narrower one (same embedding size)
     innocent_same_arch: int = 2
     #: attack strengths
@@ -453,26 +453,26 @@ def results_markdown(res: dict) -> str:
         r = res[scheme]
         lines += ["", f"## {scheme}", "", "### Extraction (students), verification with at most "
                   f"{res['config']['max_queries']} queries", "",
-                  "| budget (pairs) | thief zero-shot mean | verdict | p (combined) | p trigger | p distribution | p geometry | p procrustes | queries |",
+                  "| budget (pairs) | thief zero-shot mean | verdict | p (combined) | p trigger | p distribution | p covariance | p procrustes | queries |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for row in r["extraction"]:
             zs = np.mean(list(row["zero_shot"].values()))
             p = row["p"]
             lines.append(f"| {row['budget_pairs']} | {zs:.1f} | {row['verdict']} | {_fmt_p(row['p_value'])} | "
-                         f"{_fmt_p(p.get('trigger'))} | {_fmt_p(p.get('distribution'))} | {_fmt_p(p.get('geometry'))} | {_fmt_p(p.get('procrustes'))} | {row['queries'].get('total')} |")
+                         f"{_fmt_p(p.get('trigger'))} | {_fmt_p(p.get('distribution'))} | {_fmt_p(p.get('covariance'))} | {_fmt_p(p.get('procrustes'))} | {row['queries'].get('total')} |")
         lines += ["", f"### Innocent models (leave-one-out calibration): false-positive rate {r['false_positive_rate']:.2f} "
                   f"over {len(r['innocents'])}", "",
-                  "| innocent | zero-shot mean | verdict | p (combined) | p trigger | p distribution | p geometry | p procrustes |", "|---|---|---|---|---|---|---|---|"]
+                  "| innocent | zero-shot mean | verdict | p (combined) | p trigger | p distribution | p covariance | p procrustes |", "|---|---|---|---|---|---|---|---|"]
         for row in r["innocents"]:
             p = row["p"]
             lines.append(f"| {row['innocent']} | {row['zero_shot_mean']:.1f} | {row['verdict']} | {_fmt_p(row['p_value'])} | "
-                         f"{_fmt_p(p.get('trigger'))} | {_fmt_p(p.get('distribution'))} | {_fmt_p(p.get('geometry'))} | {_fmt_p(p.get('procrustes'))} |")
-        lines += ["", "### Attacks on the main student", "", "| attack | strength | thief zero-shot mean | verdict | p (combined) | p trigger | p distribution | p geometry | p procrustes |",
+                         f"{_fmt_p(p.get('trigger'))} | {_fmt_p(p.get('distribution'))} | {_fmt_p(p.get('covariance'))} | {_fmt_p(p.get('procrustes'))} |")
+        lines += ["", "### Attacks on the main student", "", "| attack | strength | thief zero-shot mean | verdict | p (combined) | p trigger | p distribution | p covariance | p procrustes |",
                   "|---|---|---|---|---|---|---|---|---|"]
         for row in r["attacks"]:
             p = row["p"]
             lines.append(f"| {row['attack']} | {row['strength']} | {row['zero_shot_mean']:.1f} | {row['verdict']} | {_fmt_p(row['p_value'])} | "
-                         f"{_fmt_p(p.get('trigger'))} | {_fmt_p(p.get('distribution'))} | {_fmt_p(p.get('geometry'))} | {_fmt_p(p.get('procrustes'))} |")
+                         f"{_fmt_p(p.get('trigger'))} | {_fmt_p(p.get('distribution'))} | {_fmt_p(p.get('covariance'))} | {_fmt_p(p.get('procrustes'))} |")
         ident = r["identification"].get("student", {})
         lines += ["", f"### Identification among {len(ident.get('ranking', []))} customers", "",
                   f"true {ident.get('true')}, identified {ident.get('identified')} ({ident.get('verdict')}, p={_fmt_p(ident.get('p_value'))}, "

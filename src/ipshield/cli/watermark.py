@@ -64,6 +64,29 @@ def apply_cmd(
     typer.echo(f"watermark written to {out}; max |zero-shot change| = {m.get('max_abs_zero_shot_change', float('nan')):.2f} points")
 
 
+@watermark_app.command("calibrate")
+def calibrate_cmd(
+    innocent: list[Path] = typer.Option(..., "--innocent", help="an innocent model's CLIP folder (repeat; at least 5)"),
+    key: Path = KeyOpt,
+    watermark: Path = WatermarkOpt,
+    out: Path = typer.Option(..., "--out", help="run folder for the calibration report"),
+    customers: Optional[str] = typer.Option(None, "--customers", help="comma-separated ids (default: those of apply)"),
+    clean_model: Optional[Path] = typer.Option(None, "--clean-model", help="the unwatermarked service model (default: from the watermark folder)"),
+    max_queries: int = typer.Option(512, "--max-queries", help="verification query budget (use the one of verify)"),
+    alpha: float = typer.Option(1e-6, "--alpha", help="p-value threshold of the decision"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="report only; do not write the calibration into the watermark folder"),
+) -> None:
+    """Calibrate the verification decision on innocent models; `ipshield verify` then uses it."""
+    from ipshield.cli.common import split_names
+    from ipshield.watermark.run import run_calibrate
+
+    m = run_calibrate(innocent, key, watermark, out, customers=split_names(customers), clean_model=clean_model,
+                      max_queries=max_queries, alpha=alpha, write=not dry_run)
+    cal = m["calibration"]
+    typer.echo(f"{m['false_positives']} of {m['n_innocent']} innocent models flagged (leave-one-out); threshold "
+               f"{cal['threshold']:.3g}; {'not written (dry run)' if dry_run else 'written to ' + str(watermark / 'watermark.json')}")
+
+
 @attack_app.command("extract")
 def extract_cmd(
     out: Path = typer.Option(..., "--out", help="run folder (the student goes to OUT/student)"),
@@ -97,7 +120,7 @@ def verify_cmd(
     max_queries: int = typer.Option(512, "--max-queries", help="verification query budget"),
     alpha: float = typer.Option(1e-6, "--alpha", help="p-value threshold of the decision"),
 ) -> None:
-    """Is a suspect model a copy of the watermarked service? (trigger, distribution, geometry tests)."""
+    """Is a suspect model a copy of the watermarked service? (trigger, distribution, covariance, Procrustes tests)."""
     from ipshield.cli.common import split_names
     from ipshield.watermark.run import run_verify
 

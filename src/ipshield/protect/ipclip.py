@@ -86,6 +86,10 @@ class IPCLIPConfig(BaseConfig):
     share_prefix: bool = True
     #: bf16 autocast on GPU (ignored on CPU)
     amp: bool = True
+    #: the grid watermark of the ownership / authorization scenarios whitens every pixel whose row
+    #: or column index is a multiple of this [ref: 2, i.e. even]; a larger stride is a sparser
+    #: pattern [ours] (at 32 px stride 2 whitens 75 % of the image, stride 4 44 %, stride 8 23 %)
+    watermark_stride: int = 2
     # IP projector [ref]
     n_img_tokens: int = 4
     #: [ref] the n_img image tokens are copies of one token; True gives each its own mixing weights [ours]
@@ -113,6 +117,10 @@ class IPCLIPConfig(BaseConfig):
     w_kl: float | None = None
     #: the clipped terms stop at this value [ref: 5]
     clip_value: float = 5.0
+    #: [ours] clip the cross-entropy terms (L_u, L_self, L_cross) per sample before the batch mean,
+    #: so a batch whose mean is past the clip still pushes its samples that are not (the reference
+    #: clips the batch mean: False)
+    clip_per_sample: bool = False
     eval_batch_size: int = 64
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -122,7 +130,7 @@ class IPCLIPConfig(BaseConfig):
         return {k: float(getattr(self, f"w_{k}") if getattr(self, f"w_{k}") is not None else base[k]) for k in LOSS_TERMS}
 
     def check(self) -> "IPCLIPConfig":
-        for name in ("epochs", "batch_size", "n_img_tokens", "proj_hidden", "bank_k", "cache_views", "eval_batch_size"):
+        for name in ("epochs", "batch_size", "watermark_stride", "n_img_tokens", "proj_hidden", "bank_k", "cache_views", "eval_batch_size"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be at least 1, got {getattr(self, name)}", f"set {name}=1 or more")
         if self.batch_size < 2 and self.branch:
@@ -442,9 +450,16 @@ class IPCLIP(nn.Module):
         dom_a, dom_u = dom[:B], dom[B:]
         z_a = self.class_logits(sa.features, text_a)
         z_u = self.class_logits(su.features, text_u)
+        per_sample = cfg.clip_per_sample
+
+        def clipped_ce(z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            if not per_sample:
+                return F.cross_entropy(z, y)
+            return torch.clamp(F.cross_entropy(z, y, reduction="none"), max=cv).mean()
+
         terms: dict[str, torch.Tensor] = {
             "a": F.cross_entropy(z_a, ya),
-            "u": F.cross_entropy(z_u, yu),
+            "u": clipped_ce(z_u, yu),
             "dom": F.mse_loss(dom_a.float(), dom_u.float()),
             # KL(softmax_c(T_u) || softmax_c(T_a)) over the class axis, batch mean
             "kl": F.kl_div(F.log_softmax(text_a, dim=1), F.softmax(text_u, dim=1), reduction="batchmean"),
@@ -455,8 +470,8 @@ class IPCLIP(nn.Module):
             protos_u = self.bank_unauthorized.mean(1)
             s_self = self.branch(sa.features.float(), protos_a)
             s_cross = self.branch(sa.features.float(), protos_u)
-            terms["self"] = F.cross_entropy(self.class_logits(s_self, text_a), ya)
-            terms["cross"] = F.cross_entropy(self.class_logits(s_cross, text_u), ya)
+            terms["self"] = clipped_ce(self.class_logits(s_self, text_a), ya)
+            terms["cross"] = clipped_ce(self.class_logits(s_cross, text_u), ya)
         for k in CLIPPED_TERMS:
             if k in terms:
                 terms[k] = torch.clamp(terms[k], max=cv)  # no gradient once clipped
@@ -527,10 +542,15 @@ def read_generator_meta(folder: str | Path) -> dict:
 ImageFn = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
-def _watermark(x: torch.Tensor) -> torch.Tensor:
+def _watermark(x: torch.Tensor, stride: int = 2) -> torch.Tensor:
     from ipshield.data.transforms import grid_watermark
 
-    return grid_watermark(x)
+    return grid_watermark(x, stride=stride)
+
+
+def watermark_fn(stride: int = 2) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The scenario's watermark as a one-argument transform (``stride`` 2 is the spec's pattern)."""
+    return _watermark if stride == 2 else (lambda x: _watermark(x, stride))
 
 
 def _strong(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
@@ -539,12 +559,12 @@ def _strong(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     return strong_augment(x, g)
 
 
-def _authorization_mix(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+def _authorization_mix(x: torch.Tensor, g: torch.Generator, stride: int = 2) -> torch.Tensor:
     """[ref] unauthorized mix of the applicability-authorization scenario: 40% watermark +
     augment, 20% clean, 40% augment only (augment = the strong augmentation)."""
     r = torch.rand(x.shape[0], generator=g)
     aug = _strong(x, g)
-    wm_aug = _strong(_watermark(x), g)
+    wm_aug = _strong(_watermark(x, stride), g)
     out = x.clone()
     out[r < 0.4] = wm_aug[r < 0.4]
     sel = r >= 0.6
@@ -577,9 +597,10 @@ class TrainStream:
 
 
 def build_streams(authorized: Domain, unauthorized: Sequence[Domain], scenario: str, max_train: int | None,
-                  seed: int, size: int = 224) -> tuple[TrainStream, TrainStream]:
+                  seed: int, size: int = 224, watermark_stride: int = 2) -> tuple[TrainStream, TrainStream]:
     """The authorized and unauthorized training streams of a scenario (checks the domains).
-    ``size``: the resolution file-based splits are read at (in-memory splits keep theirs)."""
+    ``size``: the resolution file-based splits are read at (in-memory splits keep theirs);
+    ``watermark_stride``: the grid watermark's stride (2 = the spec's pattern)."""
     if scenario not in SCENARIOS:
         raise ConfigError(f"unknown scenario '{scenario}'", f"choose one of: {', '.join(SCENARIOS)}")
     unauthorized = list(unauthorized)
@@ -597,7 +618,7 @@ def build_streams(authorized: Domain, unauthorized: Sequence[Domain], scenario: 
         return s.to_tensor(size), torch.from_numpy(s.labels)
 
     xa, ya = tensors(authorized.train, size if not authorized.train.in_memory else None)
-    wm = lambda x, g: _watermark(x)  # noqa: E731
+    wm = lambda x, g: _watermark(x, watermark_stride)  # noqa: E731
     if scenario == "target-specified":
         if not unauthorized:
             raise DataError("the target-specified scenario needs at least one unauthorized domain",
@@ -615,7 +636,8 @@ def build_streams(authorized: Domain, unauthorized: Sequence[Domain], scenario: 
                 TrainStream(authorized.name + "+strong-augment", xa, ya, _strong, random_transform=True))
     # authorization: only watermarked inputs are served
     return (TrainStream(authorized.name + WATERMARK_SUFFIX, xa, ya, wm),
-            TrainStream(authorized.name + "+mix", xa, ya, _authorization_mix, random_transform=True))
+            TrainStream(authorized.name + "+mix", xa, ya, lambda x, g: _authorization_mix(x, g, watermark_stride),
+                        random_transform=True))
 
 
 class StatsSource:
@@ -694,7 +716,7 @@ def train_ipclip(adapter, authorized: Domain, unauthorized: Sequence[Domain] = (
     device = resolve_device(config.device)
     adapter.to(device)
     stream_a, stream_u = build_streams(authorized, unauthorized, config.scenario, config.max_train, config.seed,
-                                       size=adapter.image_size)
+                                       size=adapter.image_size, watermark_stride=config.watermark_stride)
     model = IPCLIP(adapter, authorized.classes, config)
     t0 = time.perf_counter()
     src_a = StatsSource(model, stream_a, config.cache_features, config.cache_views, config.augment, g, verbose)
@@ -762,12 +784,13 @@ METHODS.register("ip-clip")(train_ipclip)
 
 
 # ---------------------------------------------------------------------------- evaluation
-def evaluation_sets(domains: dict[str, Domain], authorized: str, scenario: str) -> tuple[str, dict[str, tuple[ImageSplit, Callable | None]]]:
+def evaluation_sets(domains: dict[str, Domain], authorized: str, scenario: str, watermark_stride: int = 2
+                    ) -> tuple[str, dict[str, tuple[ImageSplit, Callable | None]]]:
     """The test sets of a scenario: every domain clean, plus the authorized domain watermarked in
     the ownership and authorization scenarios. Returns (name of the authorized set, sets)."""
     sets: dict[str, tuple[ImageSplit, Callable | None]] = {name: (d.test, None) for name, d in domains.items()}
     if scenario in ("ownership", "authorization"):
-        sets[authorized + WATERMARK_SUFFIX] = (domains[authorized].test, _watermark)
+        sets[authorized + WATERMARK_SUFFIX] = (domains[authorized].test, watermark_fn(watermark_stride))
     auth_name = authorized + WATERMARK_SUFFIX if scenario == "authorization" else authorized
     return auth_name, sets
 

@@ -119,7 +119,7 @@ def run_ipclip(adapter, domains: dict[str, Domain], authorized: str, unauthorize
                         "give --unauthorized D2 (or use --scenario target-free)")
     train_u = unauthorized if config.scenario == "target-specified" else []
     run = RunDir(out, "ip-clip", config, seed=config.seed)
-    auth_set, sets = evaluation_sets(domains, authorized, config.scenario)
+    auth_set, sets = evaluation_sets(domains, authorized, config.scenario, config.watermark_stride)
     t0 = time.perf_counter()
     refs = reference_accuracies(adapter, domains, authorized, sets, coop_config, with_coop, verbose)
     t_refs = time.perf_counter() - t0
@@ -220,9 +220,10 @@ def evaluate_run(run: str | Path, adapter, domains: dict[str, Domain]) -> dict[s
     scenario, _ = run_scenario(run)
     sets = {n: (d.test, None) for n, d in domains.items()}
     if scenario in ("ownership", "authorization"):
-        from ipshield.protect.ipclip import _watermark
+        from ipshield.protect.ipclip import watermark_fn
 
-        sets.update({n + WATERMARK_SUFFIX: (d.test, _watermark) for n, d in domains.items()})
+        stride = getattr(getattr(model, "config", None), "watermark_stride", 2)
+        sets.update({n + WATERMARK_SUFFIX: (d.test, watermark_fn(stride)) for n, d in domains.items()})
     return accuracy_on_sets(model, sets, adapter)
 
 
@@ -287,7 +288,7 @@ def ablation(adapter, domains: dict[str, Domain], authorized: str, unauthorized:
     if unknown:
         raise IPShieldError(f"unknown ablation variant(s) {unknown}", f"choose from: {', '.join(ABLATIONS)}")
     train_u = unauthorized if config.scenario == "target-specified" else []
-    auth_set, sets = evaluation_sets(domains, authorized, config.scenario)
+    auth_set, sets = evaluation_sets(domains, authorized, config.scenario, config.watermark_stride)
     refs = reference_accuracies(adapter, domains, authorized, sets, coop_config, with_coop, verbose)
     rows = []
     for name in names:

@@ -1,5 +1,5 @@
 """The watermark workflows behind the CLI (same names in the Python API): ``apply_watermark``,
-``run_extract``, ``run_verify``. Each writes a run folder (``ipshield.runs.RunDir``) with
+``run_extract``, ``run_verify``, ``run_calibrate``. Each writes a run folder (``ipshield.runs.RunDir``) with
 ``metrics.json`` and PNG plots; nothing secret (key, matrices, triggers, pairings) is written to a
 run folder other than the watermark folder itself (``apply_watermark``'s ``out``, whose secret files
 have mode 600)."""
@@ -152,4 +152,64 @@ def run_verify(suspect_model: str | Path, key: str | Path, watermark: str | Path
     run.save_metrics(metrics)
     (run.path / "report.txt").write_text(report.summary() + "\n")
     run.finish(verdict=report.verdict)
+    return metrics
+
+
+def run_calibrate(innocents: Sequence[str | Path], key: str | Path, watermark: str | Path, out: str | Path,
+                  customers: Sequence[str] | None = None, clean_model: str | Path | None = None,
+                  max_queries: int = 512, alpha: float = 1e-6, n_probes: int = 512, probe_seed: int = 9,
+                  min_innocent: int = 5, write: bool = True) -> dict:
+    """Calibrate the decision on innocent models (CLIP folders the owner knows were not derived from
+    the service: independently trained models). Each innocent is verified against every customer;
+    the Procrustes statistic's mean/sd and the decision threshold (``calibrate``) are written into
+    the watermark folder's ``watermark.json`` (``calibration``), which ``ipshield verify`` then uses.
+    The run folder gets the false-positive count and every innocent's p-values (leave-one-out: each
+    innocent judged with a calibration fit on the others)."""
+    from ipshield.models.clip import load_clip
+    from ipshield.watermark.base import load_watermark, read_watermark_json, reference_from_synthetic, write_watermark_json
+    from ipshield.watermark.verify import _run, calibrate, recalibrate
+
+    innocents = [Path(p) for p in innocents]
+    if len(innocents) < max(2, min_innocent):
+        raise IPShieldError(f"{len(innocents)} innocent model(s) given; the calibration needs at least {max(2, min_innocent)}",
+                            "pass more --innocent DIR (independently trained CLIPs with the service's embedding size)")
+    info = read_watermark_json(watermark)
+    wm = load_watermark(watermark, key)
+    ids = list(customers or info.get("customers") or [])
+    if not ids:
+        raise IPShieldError("no customers to calibrate for", "pass --customers a,b,c or apply the watermark with --customers")
+    clean_path = clean_model or info.get("model")
+    if not clean_path:
+        raise IPShieldError("the watermark folder does not name the clean model", "pass --clean-model DIR")
+    clean = load_clip(clean_path)
+    probes = reference_from_synthetic(n_probes, seed=probe_seed)
+    run = RunDir(out, "watermark-calibrate", {"innocents": [str(p) for p in innocents], "watermark": str(watermark),
+                                              "customers": ids, "max_queries": max_queries, "alpha": alpha}, None)
+    per_model = []
+    for path in innocents:
+        reps = _run(wm, path, clean, probes, ids, max_queries, alpha, None, "inconclusive")
+        per_model.append(reps)
+    def fit(models: list[list]) -> dict:
+        # the Procrustes statistic does not depend on the customer: one report per model for its
+        # mean/sd; the threshold from every (model, customer) p-value
+        c = calibrate([reps[0] for reps in models], alpha=alpha, min_innocent=min(min_innocent, len(models)))
+        c["threshold"] = calibrate([r for reps in models for r in reps], alpha=alpha)["threshold"]
+        return c
+
+    cal = fit(per_model)
+    rows, false_pos = [], 0
+    for i, (path, reps) in enumerate(zip(innocents, per_model)):
+        loo = fit([rr for j, rr in enumerate(per_model) if j != i])
+        judged = [recalibrate(r, loo) for r in reps]
+        flagged = [r.customer_id for r in judged if r.verdict == "stolen"]
+        false_pos += bool(flagged)
+        rows.append({"innocent": str(path), "flagged_for": flagged,
+                     "p_values": {r.customer_id: r.p_value for r in judged},
+                     "procrustes_mean_cos": reps[0].tests["procrustes"].test_mean_cos if "procrustes" in reps[0].tests else None})
+    metrics = {"method": f"calibrate-{wm.scheme}", "calibration": cal, "n_innocent": len(innocents),
+               "false_positives": false_pos, "false_positive_rate": false_pos / len(innocents), "innocents": rows}
+    if write:
+        write_watermark_json(Path(watermark), {**{k: v for k, v in info.items() if k != "format"}, "calibration": cal})
+    run.save_metrics(metrics)
+    run.finish(false_positive_rate=metrics["false_positive_rate"])
     return metrics

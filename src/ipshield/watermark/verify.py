@@ -30,13 +30,14 @@ vectors, control minus test, so positive = closer) and a one-sided two-sample KS
   ``W_k``. Decision p-value by *key randomisation*: ``W_k`` is a random draw the suspect cannot
   know, so the mean cosine under ``W_k`` is compared with its distribution under 100 random
   orthogonal matrices (normal tail).
-- ``geometry`` [ours]: rotation-invariant and key-specific. ``W_k`` is only near-orthogonal, so
-  the served spaces of two customers differ by more than a rotation. Per probe: cosine between the
-  suspect's embedding, aligned by an orthogonal Procrustes fit (on even probes; measured on odd
-  ones), and the customer's served embedding ``normalise(e W_k)`` (both centred per modality).
-  Control and decision p-value by key randomisation over fictitious customers' matrices built
-  exactly like real ones (``watermark.null_transforms``): normal tail of the mean. The alignment
-  absorbs any rotation or permutation the thief applies to both modalities.
+- ``covariance`` [ours]: rotation- and permutation-invariant and key-specific. ``W_k`` is only
+  near-orthogonal: it carries a key-derived symmetric signature, ``W_k W_k^T ~ W W^T_pre + 2 s S_k``,
+  which a thief's own rotation ``R`` cannot remove. The suspect's linear map ``A`` from the clean
+  embeddings (ridge least squares on the probes) gives ``A A^T ~ W_k W_k^T`` for any ``R``.
+  Statistic: the projection of ``A A^T - W W^T_pre`` (traceless, outside the protected span) on
+  the key-derived Gaussian matrix behind ``S_k``, divided by its norm: exactly standard normal
+  when the suspect does not come from customer k (the matrix is an independent draw from the key),
+  so the p-value is exact.
 - ``procrustes``: the distribution test after an orthogonal Procrustes alignment (fit on half of
   the probes, measured on the other half), which undoes a thief's rotation or permutation. It is
   not key-specific (the alignment absorbs ``W_k``) and innocent models trained on similar data
@@ -296,58 +297,67 @@ def distribution_test(s: torch.Tensor, e: torch.Tensor, n_img: int, w_inv: torch
                       ).with_values(c.tolist(), ctrl.tolist())
 
 
-def _gram_dev(x: torch.Tensor, ref_gram: torch.Tensor) -> torch.Tensor:
-    g = F.normalize(x.double(), dim=-1)
-    d = g @ g.T - ref_gram
-    d.fill_diagonal_(0)
-    return d
-
-
 def _centre_modalities(x: torch.Tensor, n_img: int) -> torch.Tensor:
     x = x.double()
     x = torch.cat([x[:n_img] - x[:n_img].mean(0), x[n_img:] - x[n_img:].mean(0)])
     return F.normalize(x, dim=-1)
 
 
-def _aligned_cos(sc: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Orthogonal Procrustes of suspect rows onto target rows, fit on even rows, per-row cosine on
-    odd rows (both already centred and normalised)."""
-    idx = torch.arange(len(sc))
-    fit, ev = idx[idx % 2 == 0], idx[idx % 2 == 1]
-    q = procrustes(sc[fit], target[fit])
-    return ((sc[ev] @ q) * target[ev]).sum(-1)
+def _traceless_gram(m: torch.Tensor) -> torch.Tensor:
+    """``m m^T`` scaled to unit mean diagonal, minus the identity (the part no rotation changes and
+    no scale explains)."""
+    g = m @ m.T
+    g = g / g.diagonal().mean().clamp_min(1e-12)
+    return g - torch.eye(g.shape[0], dtype=g.dtype)
 
 
-def geometry_test(s: torch.Tensor, e: torch.Tensor, w: torch.Tensor, null_ws: Sequence[torch.Tensor],
-                  n_img: int | None = None) -> TestResult:
-    """Rotation-invariant and key-specific: after the best orthogonal alignment, does the suspect
-    match the customer's served embeddings ``normalise(e W_k)`` better than those of fictitious
-    customers built exactly like real ones? ``W_k`` is only near-orthogonal, so the served spaces
-    of two customers differ by more than a rotation, and no alignment turns one into the other.
-    Per probe: cosine after an orthogonal Procrustes alignment (fit on even probes, measured on odd
-    ones) of the suspect onto the customer's served embeddings. Decision p-value by key
-    randomisation over ``null_ws`` (normal tail of the mean)."""
+def suspect_map(s: torch.Tensor, e: torch.Tensor, n_img: int, ridge: float = 0.01) -> torch.Tensor:
+    """The linear map ``A`` with ``e A ~ s`` (ridge least squares on the probes, both centred per
+    modality and normalised). For a copy of the service rotated by the thief, ``A ~ W_k R``, so
+    ``A A^T ~ W_k W_k^T`` whatever ``R`` is."""
+    ec, sc = _centre_modalities(e, n_img), _centre_modalities(s, n_img)
+    d = ec.shape[1]
+    return torch.linalg.solve(ec.T @ ec + ridge * torch.eye(d, dtype=ec.dtype), ec.T @ sc)
+
+
+def covariance_test(s: torch.Tensor, e: torch.Tensor, template: dict[str, torch.Tensor], n_img: int | None = None,
+                    ridge: float = 1e-3) -> TestResult:
+    """Rotation- and permutation-invariant and key-specific (VLPMarker's signature). Fit the
+    suspect's linear map ``A`` from the clean embeddings (``suspect_map``); its Gram matrix
+    ``G = A A^T`` does not change under any orthogonal transform the thief applies to both
+    modalities, and for a copy of customer k's service ``G ~ W_k W_k^T``, which holds
+    ``2 * signature * S_k`` on top of the customer's pre-signature ``W W^T``. Statistic:
+    ``z = <P, A_k> / ||P||_F`` with ``P`` the symmetric ``Q (G - W W^T_pre) Q`` (traceless parts)
+    and ``A_k`` the key-derived iid N(0, 1) matrix whose symmetric part is ``S_k``. ``A_k`` is
+    derived from the key independently of everything in ``P`` unless the suspect comes from
+    customer k's service, so under "not derived from it" ``z`` is exactly standard normal: an exact
+    key-randomisation p-value, no fitted null."""
     n_img = len(s) // 2 if n_img is None else n_img
-    sc = _centre_modalities(s, n_img)
-
-    def per_probe(wm: torch.Tensor) -> torch.Tensor:
-        return _aligned_cos(sc, _centre_modalities(e.double() @ wm.double(), n_img))
-
-    c = per_probe(w)
-    null_means, null_pool = [], []
-    for wn in null_ws:
-        cn = per_probe(wn)
-        null_means.append(float(cn.mean()))
-        null_pool.append(cn)
-    nm = np.asarray(null_means)
-    sd = float(nm.std(ddof=1)) if len(nm) > 1 else 1e-12
-    z = (float(c.mean()) - float(nm.mean())) / max(sd, 1e-12)
-    ctrl = torch.cat(null_pool) if null_pool else torch.zeros(0, dtype=torch.float64)
-    return TestResult("geometry", len(c), float(c.mean() - ctrl.mean()),
-                      float(_l2_from_cos(ctrl).mean() - _l2_from_cos(c).mean()),
-                      _ks_less(c.numpy(), ctrl.numpy()), _norm_sf(z), z, float(c.mean()), float(ctrl.mean()),
-                      note=f"key randomisation over {len(null_ws)} fictitious customers"
-                      ).with_values(c.tolist(), ctrl.tolist())
+    q = template["proj"].double()
+    g = _traceless_gram(suspect_map(s.double(), e.double(), n_img, ridge))
+    base = template["base_gram"].double()
+    base = base / base.diagonal().mean() - torch.eye(base.shape[0], dtype=torch.float64)
+    p = q @ (g - base) @ q
+    p = (p + p.T) / 2
+    a = template["a"].double()
+    norm = float(p.norm())
+    z = float((p * a).sum()) / max(norm, 1e-12)
+    # descriptive cosines: P against the customer's signature direction and against 32 directions
+    # of the same law (the decision uses the exact normal null above)
+    sym = q @ ((a + a.T) / 2) @ q
+    c = float((p * sym).sum() / (norm * float(sym.norm())) if norm > 0 else 0.0)
+    gen = torch.Generator().manual_seed(NULL_SEED)
+    ctrl = []
+    for _ in range(32):
+        r = torch.randn(a.shape, generator=gen, dtype=torch.float64)
+        r = q @ ((r + r.T) / 2) @ q
+        ctrl.append(float((p * r).sum() / max(norm * float(r.norm()), 1e-12)))
+    ctrl_t = torch.tensor(ctrl, dtype=torch.float64)
+    return TestResult("covariance", len(s), c - float(ctrl_t.mean()),
+                      float(_l2_from_cos(ctrl_t).mean() - _l2_from_cos(torch.tensor([c])).mean()),
+                      float("nan"), _norm_sf(z), z, c, float(ctrl_t.mean()),
+                      note=f"exact key-randomisation null (standard normal); linear map fit on {len(s)} probes"
+                      ).with_values([c], ctrl)
 
 
 def procrustes(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -470,7 +480,7 @@ def _probe_embeddings(suspect: Suspect, clean, probes: ReferenceSample, n: int) 
 
 
 def _run(watermark, suspect, clean, probes: ReferenceSample, customers: list[str], max_queries: int, alpha: float,
-         calibration: dict | None, on_bad_suspect: str, n_null_customers: int = 16) -> list[VerificationReport]:
+         calibration: dict | None, on_bad_suspect: str) -> list[VerificationReport]:
     suspect = as_suspect(suspect)
     clean = as_clean(clean)
     if on_bad_suspect not in ("raise", "inconclusive"):
@@ -512,8 +522,9 @@ def _run(watermark, suspect, clean, probes: ReferenceSample, customers: list[str
         w = watermark.transform(cid)
         if w is not None:
             tests["distribution"] = distribution_test(s, e, n_img, torch.linalg.inv(w.double()))
-            if hasattr(watermark, "null_transforms") and n_null_customers > 0:
-                tests["geometry"] = geometry_test(s, e, w, watermark.null_transforms(n_null_customers), n_img)
+            template = watermark.signature_template(cid) if hasattr(watermark, "signature_template") else None
+            if template is not None:
+                tests["covariance"] = covariance_test(s, e, template, n_img)
         tests["procrustes"] = proc
         p = combine(tests)
         reasons = list(reasons_common)
@@ -525,16 +536,14 @@ def _run(watermark, suspect, clean, probes: ReferenceSample, customers: list[str
 
 
 def verify(watermark, suspect, clean, probes: ReferenceSample, customer_id: str, max_queries: int = 512,
-           alpha: float = 1e-6, calibration: dict | None = None, on_bad_suspect: str = "inconclusive",
-           n_null_customers: int = 16) -> VerificationReport:
+           alpha: float = 1e-6, calibration: dict | None = None, on_bad_suspect: str = "inconclusive") -> VerificationReport:
     """Verify one customer's watermark in a suspect (see the module docstring)."""
-    return _run(watermark, suspect, clean, probes, [customer_id], max_queries, alpha, calibration, on_bad_suspect,
-                n_null_customers)[0]
+    return _run(watermark, suspect, clean, probes, [customer_id], max_queries, alpha, calibration, on_bad_suspect)[0]
 
 
 def identify_customer(watermark, suspect, clean, probes: ReferenceSample, customers: Sequence[str],
                       max_queries: int = 512, alpha: float = 1e-6, calibration: dict | None = None,
-                      on_bad_suspect: str = "inconclusive", n_null_customers: int = 16) -> VerificationReport:
+                      on_bad_suspect: str = "inconclusive") -> VerificationReport:
     """Test every customer on one round of queries and name the most likely source. The returned
     report is the best customer's, with ``ranking`` (every customer's p-value, best first); its
     verdict is "stolen" only if the best p-value, Bonferroni-corrected for the number of customers,
@@ -542,8 +551,7 @@ def identify_customer(watermark, suspect, clean, probes: ReferenceSample, custom
     customers = list(dict.fromkeys(customers))
     if not customers:
         raise IPShieldError("no customers to identify among", "pass the customer ids of the service")
-    reports = _run(watermark, suspect, clean, probes, customers, max_queries, alpha, calibration, on_bad_suspect,
-                   n_null_customers)
+    reports = _run(watermark, suspect, clean, probes, customers, max_queries, alpha, calibration, on_bad_suspect)
     ranking = sorted(({"customer_id": r.customer_id, "p_value": r.p_value,
                        "p_trigger": r.tests["trigger"].p_value if "trigger" in r.tests else None,
                        "p_distribution": r.tests["distribution"].p_value if "distribution" in r.tests else None}

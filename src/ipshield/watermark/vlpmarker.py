@@ -46,8 +46,8 @@ Construction of ``W_k`` [ours]:
 
 The deviation of ``W_k`` from orthogonality is what makes the watermark survive a thief's own
 rotation: it changes the *similarity structure* of the served embeddings in a customer-specific
-way (the ``geometry`` test of ``ipshield.watermark.verify``), which no rotation or permutation
-of the stolen embeddings removes.
+way (the ``covariance`` test of ``ipshield.watermark.verify``: ``W_k W_k^T`` is what no rotation or
+permutation of the stolen embeddings changes).
 
 Keys, matrices, triggers and pairings never appear in a repr, a log line, an error message or a
 run folder (only in the watermark folder, which the owner keeps).
@@ -73,7 +73,7 @@ from ipshield.watermark.base import (
     read_watermark_json,
     write_watermark_json,
 )
-from ipshield.watermark.keys import MasterKey, check_customer_id, orthogonal_from_seed, orthogonality_error
+from ipshield.watermark.keys import MasterKey, check_customer_id, orthogonality_error
 from ipshield.watermark.triggers import TriggerSet, make_pool, secret_texts, select_ood, vocabulary_words
 
 
@@ -95,7 +95,7 @@ class VLPMarkerConfig(BaseConfig):
     protect_prompts: bool = Field(True, description="keep W exactly orthogonal on the span of the class-prompt "
                                   "embeddings (zero-shot predictions with those prompts are then exactly unchanged)")
     prompt_templates: list[str] = Field(default_factory=lambda: list(DEFAULT_PROMPT_TEMPLATES))
-    signature: float = Field(0.1, ge=0, lt=1, description="size of the key-derived symmetric perturbation (outside the "
+    signature: float = Field(0.3, ge=0, lt=1, description="size of the key-derived symmetric perturbation (outside the "
                              "protected span) applied after the refinement: the customer-specific, rotation-invariant part")
     prompt_classes: list[str] | None = Field(None, description="class names of the protected prompts (None: the digit classes)")
     n_utility: int = Field(256, ge=0, description="reference images/texts used by the utility penalty")
@@ -133,16 +133,26 @@ def protected_projector(protected: torch.Tensor | None, dim: int) -> torch.Tenso
     return torch.eye(dim, dtype=torch.float64) - u @ u.T
 
 
+def _or_identity(proj: torch.Tensor | None, dim: int) -> torch.Tensor:
+    return torch.eye(dim, dtype=torch.float64) if proj is None else proj
+
+
+def signature_matrix(seed: bytes, dim: int) -> torch.Tensor:
+    """The key-derived Gaussian matrix ``A`` (iid N(0, 1) entries) behind a signature; ``S`` is its
+    symmetric part, projected and scaled (``signature``). Secret."""
+    from ipshield.watermark.keys import seed_from_bytes
+
+    g = torch.Generator().manual_seed(seed_from_bytes(seed))
+    return torch.randn(dim, dim, generator=g, dtype=torch.float64)
+
+
 def signature(w: torch.Tensor, seed: bytes, strength: float, proj: torch.Tensor | None) -> torch.Tensor:
     """``(I + strength * Q S Q) W``: a key-derived random symmetric perturbation S (spectral norm 1)
     confined to the complement of the protected span (Q), applied after the refinement."""
     if strength <= 0:
         return w
-    from ipshield.watermark.keys import seed_from_bytes
-
     d = w.shape[0]
-    g = torch.Generator().manual_seed(seed_from_bytes(seed))
-    a = torch.randn(d, d, generator=g, dtype=torch.float64)
+    a = signature_matrix(seed, d)
     sym = (a + a.T) / 2
     if proj is not None:
         sym = proj @ sym @ proj
@@ -272,8 +282,7 @@ class VLPMarker:
                                 "fit the watermark with the key made for this model")
         self.selection = selection or {}
         self._protected = protected_emb.double() if protected_emb is not None and len(protected_emb) else None
-        self._cache: dict[str, tuple[torch.Tensor, list[dict]]] = {}
-        self._nulls: list[torch.Tensor] = []
+        self._cache: dict[str, tuple[torch.Tensor, list[dict], torch.Tensor]] = {}
 
     @property
     def key_id(self) -> str:
@@ -337,23 +346,40 @@ class VLPMarker:
         g = self._key.generator(f"vlpmarker/pairing/{check_customer_id(customer_id)}")
         return torch.randperm(self.n_triggers, generator=g)
 
-    def _refined(self, customer_id: str) -> tuple[torch.Tensor, list[dict]]:
+    def _refined(self, customer_id: str) -> tuple[torch.Tensor, list[dict], torch.Tensor]:
         if customer_id not in self._cache:
             w0 = self._key.customer_start(customer_id)
-            w, hist = refine_transform(w0, self._y, self._t, self.pairing(customer_id), self.config, self._ui, self._ut,
-                                       protected=self._protected)
-            w = signature(w, self._key.derive(f"vlpmarker/signature/{customer_id}"), self.config.signature,
-                          protected_projector(self._protected, self.dim))
+            w_ref, hist = refine_transform(w0, self._y, self._t, self.pairing(customer_id), self.config, self._ui,
+                                           self._ut, protected=self._protected)
+            w = signature(w_ref, self._key.derive(f"vlpmarker/signature/{customer_id}"), self.config.signature,
+                          self._signature_projector())
             hist = hist + [{"step": "signature", **describe_transform(w, self._y, self._t, self.pairing(customer_id),
                                                                        self._ui, self._ut)}]
             if len(self._cache) > 64:
                 self._cache.pop(next(iter(self._cache)))
-            self._cache[customer_id] = (w, hist)
+            self._cache[customer_id] = (w, hist, w_ref)
         return self._cache[customer_id]
 
     def matrix(self, customer_id: str) -> torch.Tensor:
         """``W_k`` (float64 [D, D]); secret."""
         return self._refined(check_customer_id(customer_id))[0]
+
+    def _signature_projector(self) -> torch.Tensor | None:
+        return protected_projector(self._protected, self.dim)
+
+    def signature_template(self, customer_id: str) -> dict[str, torch.Tensor] | None:
+        """What the covariance test needs (secret): the key-derived Gaussian matrix of the customer's
+        signature, the projector onto the complement of the protected span, and ``W W^T`` of the
+        customer's matrix *before* the signature. The signature seed is derived from the key
+        independently of the start, pairing and refinement, so under "not derived from this
+        customer" the matrix is independent of everything else the test uses."""
+        if self.config.signature <= 0:
+            return None
+        cid = check_customer_id(customer_id)
+        w_ref = self._refined(cid)[2]
+        return {"a": signature_matrix(self._key.derive(f"vlpmarker/signature/{cid}"), self.dim),
+                "proj": _or_identity(self._signature_projector(), self.dim),
+                "base_gram": w_ref @ w_ref.T}
 
     def inverse(self, customer_id: str) -> torch.Tensor:
         """``W_k^-1`` (float64), used by the distribution test."""
@@ -361,7 +387,7 @@ class VLPMarker:
 
     def refinement_report(self, customer_id: str) -> dict:
         """Monitored quantities of the customer's refinement (numbers only, nothing secret)."""
-        w, hist = self._refined(check_customer_id(customer_id))
+        w, hist, _ = self._refined(check_customer_id(customer_id))
         return {"history": hist, "final": hist[-1] if hist else {},
                 "clean_trigger_gap": trigger_gap(self._y, self._t, self.pairing(customer_id))}
 
@@ -414,20 +440,6 @@ class VLPMarker:
         tj = F.normalize(txt_emb[cols].double(), dim=-1)
         return pairing_test(yi @ tj.T, "trigger")
 
-    def null_transforms(self, n: int = 16) -> list[torch.Tensor]:
-        """Matrices of ``n`` fictitious customers made exactly like real ones (same refinement, their
-        own start and pairing): the key-randomisation null of the geometry test. Cached; saved
-        with the watermark once computed."""
-        have = len(self._nulls)
-        for i in range(have, n):
-            w0 = orthogonal_from_seed(self._key.derive(f"vlpmarker/null-customer/{i}"), self.dim)
-            pi = torch.randperm(self.n_triggers, generator=self._key.generator(f"vlpmarker/null-pairing/{i}"))
-            w, _ = refine_transform(w0, self._y, self._t, pi, self.config, self._ui, self._ut, protected=self._protected)
-            w = signature(w, self._key.derive(f"vlpmarker/null-signature/{i}"), self.config.signature,
-                          protected_projector(self._protected, self.dim))
-            self._nulls.append(w)
-        return self._nulls[:n]
-
     def transform(self, customer_id: str) -> torch.Tensor:
         """The linear map the service applies for this customer (before renormalising)."""
         return self.matrix(customer_id)
@@ -445,8 +457,6 @@ class VLPMarker:
             tensors["utility_text_emb"] = self._ut.float()
         if self._protected is not None:
             tensors["protected_text_emb"] = self._protected.float()
-        if self._nulls:
-            tensors["null_transforms"] = torch.stack(self._nulls)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(p / "secrets.safetensors"))
         os.chmod(p / "secrets.safetensors", 0o600)
         write_watermark_json(p, {"scheme": self.scheme, "dim": self.dim, "key_id": self.key_id,
@@ -472,8 +482,6 @@ class VLPMarker:
         # embeddings are stored in float32; the refinement is recomputed in float64 from them
         wm = cls(key, trig, t["trigger_image_emb"], t["trigger_text_emb"], cfg,
                  t.get("utility_image_emb"), t.get("utility_text_emb"), data.get("selection"), t.get("protected_text_emb"))
-        if "null_transforms" in t:
-            wm._nulls = [m.double() for m in t["null_transforms"]]
         return wm
 
 
