@@ -79,6 +79,25 @@ def test_sa_map_collapses_unauthorized_keeps_authorized(sa_run):
     assert (out / "model.safetensors").is_file() and (out / "config.yaml").is_file()
 
 
+def test_sa_defaults_mixture_preservation_and_val_selection(source_model, digits):
+    from ipshield.protect.base import accuracy
+    from ipshield.protect.map import MAPConfig, protect
+    from ipshield.registry import METHODS
+
+    # 150 steps on 1000 images: scores start nearer the threshold than the benchmark's 0.2
+    cfg = METHODS.get("sa-map").make_config({"steps": 150, "n_train": N_TRAIN, "n_val": 200, "val_every": 50, "score_init": 0.1})
+    assert isinstance(cfg, MAPConfig) and cfg.select == "val" and cfg.preserve_mix == 1.0 and cfg.target_topk == 2
+    masked, info = protect(source_model, cfg, digits["mnist"], [digits["usps"]])
+    val = next(h for h in info["history"] if "val" in h)
+    assert [c["step"] for c in val["val"]] == [50, 100, 150]
+    chosen = next(c for c in val["val"] if c["step"] == info["selected"])
+    # the rule: lowest held-out unauthorized accuracy (within the tolerance), then best agreement
+    assert chosen["acc_u"] <= min(c["acc_u"] for c in val["val"]) + cfg.val_tolerance
+    assert chosen["acc_u"] < 40.0  # held-out USPS images collapse...
+    acc_a, acc_u = accuracy(masked, digits["mnist"].test), accuracy(masked, digits["usps"].test)
+    assert acc_u < 30.0 and acc_a > accuracy(source_model, digits["mnist"].test) - 3.0  # ...and so does the test set
+
+
 def test_mask_export_equals_masked_forward(source_model):
     from ipshield.protect.map import MaskedClassifier
 
