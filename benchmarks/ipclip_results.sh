@@ -40,7 +40,15 @@ if [[ $what == digits-recipe || $what == all ]]; then
      --set lr=0.001 --set w_self=0 --set clip_per_sample=true --set clip_value=3)
   for S in 0 1 2; do
     $IPS protect ip-clip "${D[@]}" --authorized mnist --unauthorized usps,mnistm --out $OUT/dig-ts-recipe-s$S "${R[@]}" --set seed=$S
+    # [ours] + model selection: keep the epoch with the best authorized accuracy on 300 held-out
+    # MNIST TRAINING images among those with every unauthorized validation accuracy <= 15 %
+    $IPS protect ip-clip "${D[@]}" --authorized mnist --unauthorized usps,mnistm --out $OUT/dig-ts-recipe-sel-s$S "${R[@]}" \
+      --set seed=$S --set select_best=true
   done
+  # target-free with selection on the authorized validation accuracy alone (no bound on the
+  # strongly augmented validation images)
+  $IPS protect ip-clip "${D[@]}" --authorized mnist --scenario target-free --out $OUT/dig-target-free-sel "${COMMON[@]}" \
+    --set select_best=true --set select_max_unauthorized=100
   # ownership with a sparser watermark (every 8th row and column: 23 % of a 32 px image) [ours]
   $IPS protect ip-clip "${D[@]}" --authorized mnist --scenario ownership --out $OUT/dig-ownership-stride8 "${COMMON[@]}" \
     --set watermark_stride=8

@@ -44,6 +44,12 @@ def run_table(run: Path) -> str:
     t = m.get("timing")
     if t:
         lines.append(f"- training: {fmt(t.get('total_s'))} s ({fmt(t.get('images_per_s'))} authorized images/s)")
+    sel = m.get("selection")
+    if sel:
+        scores = ", ".join(f"{k.replace('val_acc_', '')} {fmt(v)}" for k, v in sel.get("scores", {}).items())
+        lines.append(f"- model selection [ours]: epoch {sel.get('epoch')} of {len(m.get('history', []))} "
+                     f"(validation held out of the training images: {scores}; bound {fmt(sel.get('bound'))}, "
+                     f"{'met' if sel.get('qualified') else 'not met'})")
     return "\n".join(lines) + "\n"
 
 

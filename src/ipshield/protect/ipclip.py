@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Literal, Sequence
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -121,6 +122,21 @@ class IPCLIPConfig(BaseConfig):
     #: so a batch whose mean is past the clip still pushes its samples that are not (the reference
     #: clips the batch mean: False)
     clip_per_sample: bool = False
+    # [ours] model selection on a validation split held out of the TRAINING images (never the test
+    # split); off by default (the reference keeps the last epoch)
+    #: after every epoch score the prompt generator on the validation split and, at the end,
+    #: restore the epoch with the best score: among the epochs whose every unauthorized validation
+    #: accuracy is <= ``select_max_unauthorized``, the highest authorized validation accuracy
+    #: (ties: lower worst unauthorized accuracy, then the later epoch); if no epoch qualifies, the
+    #: one with the smallest excess over that bound
+    select_best: bool = False
+    #: validation images per domain, drawn from the domain's training images outside the
+    #: ``max_train`` subset (so the training set is unchanged) when there are that many ...
+    val_size: int = 300
+    #: ... otherwise this fraction of the training subset is held out (and not trained on)
+    val_fraction: float = 0.2
+    #: bound (percent) on every unauthorized validation accuracy; None = 1.5 x chance (the issue's bound)
+    select_max_unauthorized: float | None = None
     eval_batch_size: int = 64
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -137,7 +153,16 @@ class IPCLIPConfig(BaseConfig):
             raise ConfigError("the style-enhancement branch (BatchNorm) needs batch_size >= 2", "set batch_size=2 or more")
         if self.warmup_epochs < 0 or self.warmup_epochs >= max(self.epochs, 1) and self.epochs > 1:
             raise ConfigError(f"warmup_epochs={self.warmup_epochs} must be in [0, epochs)", "lower warmup_epochs")
+        if self.select_best and (self.val_size < 1 or not 0.0 < self.val_fraction < 1.0):
+            raise ConfigError(f"select_best needs val_size >= 1 and 0 < val_fraction < 1 (got {self.val_size}, "
+                              f"{self.val_fraction})", "set e.g. val_size=300 val_fraction=0.2")
         return self
+
+    def unauthorized_bound(self, n_classes: int) -> float:
+        """The model-selection bound on unauthorized validation accuracy (percent)."""
+        if self.select_max_unauthorized is not None:
+            return float(self.select_max_unauthorized)
+        return 150.0 / n_classes
 
 
 # ---------------------------------------------------------------------------- visual statistics
@@ -601,6 +626,45 @@ def build_streams(authorized: Domain, unauthorized: Sequence[Domain], scenario: 
     """The authorized and unauthorized training streams of a scenario (checks the domains).
     ``size``: the resolution file-based splits are read at (in-memory splits keep theirs);
     ``watermark_stride``: the grid watermark's stride (2 = the spec's pattern)."""
+    a, u, _, _ = build_streams_with_validation(authorized, unauthorized, scenario, max_train, seed, size,
+                                               watermark_stride)
+    return a, u
+
+
+def holdout_split(split: ImageSplit, max_train: int | None, seed: int, val_size: int = 0, val_fraction: float = 0.2
+                  ) -> tuple[ImageSplit, ImageSplit | None]:
+    """(training subset, validation split or None) of a domain's TRAINING split [ours].
+
+    The training subset is what ``subsample(split, max_train, seed)`` keeps. With ``val_size`` > 0
+    the validation images are ``val_size`` of the training images outside that subset when there
+    are enough (the training subset is then unchanged); otherwise ``val_fraction`` of the subset is
+    held out and the rest is trained on. The test split is never touched."""
+    from ipshield.protect.training import subsample_indices
+
+    keep = subsample_indices(len(split), max_train, seed)
+    if val_size <= 0:
+        return (split if len(keep) == len(split) else split.subset(keep)), None
+    rng = np.random.default_rng(seed + 104729)
+    rest = np.setdiff1d(np.arange(len(split)), keep)
+    if len(rest) >= val_size:
+        val = np.sort(rng.choice(rest, val_size, replace=False))
+        return (split if len(keep) == len(split) else split.subset(keep)), split.subset(val)
+    n_val = min(len(keep) - 1, max(1, int(round(val_fraction * len(keep)))))
+    if n_val < 1:
+        raise DataError(f"too few training images ({len(split)}) to hold out a validation split",
+                        "turn select_best off or give more training images")
+    perm = rng.permutation(keep)
+    return split.subset(np.sort(perm[n_val:])), split.subset(np.sort(perm[:n_val]))
+
+
+def build_streams_with_validation(authorized: Domain, unauthorized: Sequence[Domain], scenario: str,
+                                  max_train: int | None, seed: int, size: int = 224, watermark_stride: int = 2,
+                                  val_size: int = 0, val_fraction: float = 0.2
+                                  ) -> tuple[TrainStream, TrainStream, TrainStream | None, list[TrainStream]]:
+    """``build_streams`` plus, with ``val_size`` > 0, validation streams held out of the training
+    images (``holdout_split``): the authorized one and one per unauthorized test condition (each
+    unauthorized domain in target-specified; the watermarked / strongly augmented / mixed
+    authorized validation images in the other scenarios)."""
     if scenario not in SCENARIOS:
         raise ConfigError(f"unknown scenario '{scenario}'", f"choose one of: {', '.join(SCENARIOS)}")
     unauthorized = list(unauthorized)
@@ -613,31 +677,39 @@ def build_streams(authorized: Domain, unauthorized: Sequence[Domain], scenario: 
     if len(authorized.train) == 0:
         raise DataError(f"authorized domain '{authorized.name}' has no training images", "check the data source")
 
-    def tensors(split: ImageSplit, size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        s = subsample(split, max_train, seed)
-        return s.to_tensor(size), torch.from_numpy(s.labels)
+    def tensors(split: ImageSplit, size: int | None = None):
+        tr, va = holdout_split(split, max_train, seed, val_size, val_fraction)
+        out = (tr.to_tensor(size), torch.from_numpy(tr.labels))
+        val = (va.to_tensor(size), torch.from_numpy(va.labels)) if va is not None else None
+        return out, val
 
-    xa, ya = tensors(authorized.train, size if not authorized.train.in_memory else None)
+    (xa, ya), va = tensors(authorized.train, size if not authorized.train.in_memory else None)
     wm = lambda x, g: _watermark(x, watermark_stride)  # noqa: E731
     if scenario == "target-specified":
         if not unauthorized:
             raise DataError("the target-specified scenario needs at least one unauthorized domain",
                             "give --unauthorized D2 (or use --scenario target-free)")
         parts = [tensors(d.train, xa.shape[-1]) for d in unauthorized]
-        xu = torch.cat([p[0] for p in parts])
-        yu = torch.cat([p[1] for p in parts])
+        xu = torch.cat([p[0][0] for p in parts])
+        yu = torch.cat([p[0][1] for p in parts])
         name = "+".join(d.name for d in unauthorized)
-        return TrainStream(authorized.name, xa, ya), TrainStream(name, xu, yu)
+        val_u = [TrainStream(d.name, *p[1]) for d, p in zip(unauthorized, parts) if p[1] is not None]
+        return (TrainStream(authorized.name, xa, ya), TrainStream(name, xu, yu),
+                TrainStream(authorized.name, *va) if va else None, val_u)
+    val_a = TrainStream(authorized.name, *va) if va else None
     if scenario == "ownership":
-        return (TrainStream(authorized.name, xa, ya),
-                TrainStream(authorized.name + WATERMARK_SUFFIX, xa, ya, wm))
+        return (TrainStream(authorized.name, xa, ya), TrainStream(authorized.name + WATERMARK_SUFFIX, xa, ya, wm),
+                val_a, [TrainStream(authorized.name + WATERMARK_SUFFIX, *va, wm)] if va else [])
     if scenario == "target-free":
-        return (TrainStream(authorized.name, xa, ya),
-                TrainStream(authorized.name + "+strong-augment", xa, ya, _strong, random_transform=True))
+        strong = authorized.name + "+strong-augment"
+        return (TrainStream(authorized.name, xa, ya), TrainStream(strong, xa, ya, _strong, random_transform=True),
+                val_a, [TrainStream(strong, *va, _strong, random_transform=True)] if va else [])
     # authorization: only watermarked inputs are served
+    mix = lambda x, g: _authorization_mix(x, g, watermark_stride)  # noqa: E731
     return (TrainStream(authorized.name + WATERMARK_SUFFIX, xa, ya, wm),
-            TrainStream(authorized.name + "+mix", xa, ya, lambda x, g: _authorization_mix(x, g, watermark_stride),
-                        random_transform=True))
+            TrainStream(authorized.name + "+mix", xa, ya, mix, random_transform=True),
+            TrainStream(authorized.name + WATERMARK_SUFFIX, *va, wm) if va else None,
+            [TrainStream(authorized.name + "+mix", *va, mix, random_transform=True)] if va else [])
 
 
 class StatsSource:
@@ -702,6 +774,90 @@ def fill_banks(model: IPCLIP, src_a: StatsSource, src_u: StatsSource, g: torch.G
     model.bank_unauthorized.copy_(fill_bank(lu, fu, None, k).to(model.bank_unauthorized.device))
 
 
+class EpochSelector:
+    """[ours] Model selection on a validation split held out of the training images.
+
+    The validation images' visual statistics are computed once (the frozen tower; random scenario
+    transforms are drawn once from a generator of their own, so the training draws are those of a
+    run without selection). After every epoch the prompt generator is scored on them; the state
+    of the best epoch (``IPCLIPConfig.select_best``) is kept in memory and restored at the end.
+    With several processes every one scores the same full validation set with the same weights;
+    rank 0's decision is broadcast so they cannot diverge."""
+
+    def __init__(self, model: IPCLIP, val_a: TrainStream | None, val_u: Sequence[TrainStream], config: IPCLIPConfig):
+        import time
+
+        if val_a is None:
+            raise DataError("select_best found no validation images", "turn select_best off")
+        t0 = time.perf_counter()
+        self.model, self.config = model, config
+        self.bound = config.unauthorized_bound(len(model.classes))
+        g = torch.Generator().manual_seed(config.seed + 2)
+
+        def stats(stream: TrainStream) -> tuple[VisualStats, torch.Tensor]:
+            parts = [visual_stats(model.adapter, stream.batch(torch.arange(s, min(len(stream), s + 256)), g, False),
+                                  config.stat_eps, config.amp) for s in range(0, len(stream), 256)]
+            return VisualStats.cat(parts), stream.labels
+
+        self.val_a = stats(val_a)
+        self.val_u = {s.name: stats(s) for s in val_u}
+        self.sizes = {"authorized": len(val_a), **{s.name: len(s) for s in val_u}}
+        self.best_key: tuple | None = None
+        self.best_epoch = 0
+        self.best_state: dict[str, torch.Tensor] | None = None
+        self.best_scores: dict[str, float] = {}
+        self.seconds = time.perf_counter() - t0
+
+    def accuracy(self, data: tuple[VisualStats, torch.Tensor]) -> float:
+        st, y = data
+        logits = self.model.logits_from_stats(st.to(self.model.adapter.device)).cpu()
+        return int((logits.argmax(-1) == y).sum()) * 100.0 / max(1, len(y))  # exact: 45 / 300 is 15.0
+
+    def key(self, acc_a: float, worst_u: float, epoch: int) -> tuple:
+        """Larger is better: qualifying epochs first by authorized accuracy, the others by their
+        excess over the bound; then the lower worst unauthorized accuracy; then the later epoch."""
+        excess = max(0.0, worst_u - self.bound)
+        if excess == 0.0:
+            return (1, acc_a, -worst_u, epoch)
+        return (0, -excess, acc_a, epoch)
+
+    def score_epoch(self, epoch: int) -> dict[str, float]:
+        import time
+
+        from ipshield.distributed import world_size
+
+        t0 = time.perf_counter()
+        was_training = self.model.training
+        self.model.eval()
+        acc_a = self.accuracy(self.val_a)
+        acc_u = {name: self.accuracy(d) for name, d in self.val_u.items()}
+        self.model.train(was_training)
+        worst_u = max(acc_u.values()) if acc_u else 0.0
+        key = self.key(acc_a, worst_u, epoch)
+        better = self.best_key is None or key > self.best_key
+        if world_size() > 1:  # every rank computed the same; rank 0 decides
+            import torch.distributed as dist
+
+            flag = torch.tensor([int(better)], device=self.model.adapter.device)
+            dist.broadcast(flag, 0)
+            better = bool(flag.item())
+        scores = {"val_acc_a": acc_a, **{f"val_acc_u:{k}": v for k, v in acc_u.items()}}
+        if better:
+            self.best_key, self.best_epoch, self.best_scores = key, epoch, scores
+            self.best_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()
+                               if not k.startswith("adapter.")}
+        self.seconds += time.perf_counter() - t0
+        return scores
+
+    def restore_best(self) -> dict:
+        """Load the best epoch's state into the model; returns what was selected (for the run's record)."""
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state, strict=False)
+        return {"epoch": self.best_epoch, "criterion": "max authorized val acc s.t. every unauthorized val acc <= bound",
+                "bound": self.bound, "qualified": bool(self.best_key and self.best_key[0] == 1),
+                "scores": self.best_scores, "val_sizes": self.sizes}
+
+
 # ---------------------------------------------------------------------------- the trainer
 def train_ipclip(adapter, authorized: Domain, unauthorized: Sequence[Domain] = (), config: IPCLIPConfig | None = None,
                  verbose: bool = True) -> IPCLIP:
@@ -715,12 +871,15 @@ def train_ipclip(adapter, authorized: Domain, unauthorized: Sequence[Domain] = (
     g = seed_everything(config.seed)
     device = resolve_device(config.device)
     adapter.to(device)
-    stream_a, stream_u = build_streams(authorized, unauthorized, config.scenario, config.max_train, config.seed,
-                                       size=adapter.image_size, watermark_stride=config.watermark_stride)
+    stream_a, stream_u, val_a, val_u = build_streams_with_validation(
+        authorized, unauthorized, config.scenario, config.max_train, config.seed, size=adapter.image_size,
+        watermark_stride=config.watermark_stride, val_size=config.val_size if config.select_best else 0,
+        val_fraction=config.val_fraction)
     model = IPCLIP(adapter, authorized.classes, config)
     t0 = time.perf_counter()
     src_a = StatsSource(model, stream_a, config.cache_features, config.cache_views, config.augment, g, verbose)
     src_u = StatsSource(model, stream_u, config.cache_features, config.cache_views, config.augment, g, verbose)
+    selector = EpochSelector(model, val_a, val_u, config) if config.select_best else None
     t_cache = time.perf_counter() - t0
     if model.branch is not None:
         fill_banks(model, src_a, src_u, g)
@@ -766,15 +925,19 @@ def train_ipclip(adapter, authorized: Domain, unauthorized: Sequence[Domain] = (
         row = {k: v / max(1, n_steps) for k, v in sums.items()}
         row["epoch"] = epoch + 1
         row["lr"] = opt.param_groups[0]["lr"]
+        if selector is not None:
+            row.update(selector.score_epoch(epoch + 1))
         history.append(row)
         if hasattr(bar, "set_postfix"):
             bar.set_postfix(loss=f"{row.get('total', 0):.3f}", acc_a=f"{row.get('acc_a', 0):.0f}",
                             acc_u=f"{row.get('acc_u', 0):.0f}")
     t_train = time.perf_counter() - t_train
     model.eval()
+    model.selection = selector.restore_best() if selector is not None else None
     model.history = history
     total = time.perf_counter() - t0
     model.timing = {"cache_s": t_cache, "bank_s": t_bank, "train_s": t_train, "total_s": total,
+                    "select_s": selector.seconds if selector is not None else 0.0,
                     "steps": steps_per_epoch * config.epochs,
                     "images_per_s": n_seen / total if total > 0 else float("nan")}
     return model

@@ -125,10 +125,11 @@ def run_ipclip(adapter, domains: dict[str, Domain], authorized: str, unauthorize
     t_refs = time.perf_counter() - t0
     model = train_ipclip(adapter, domains[authorized], [domains[u] for u in train_u], config, verbose=verbose)
     after = accuracy_on_sets(model, sets, adapter)
-    model.save(run.path, extra={"authorized": authorized, "unauthorized_train": train_u})
+    selection = getattr(model, "selection", None)
+    model.save(run.path, extra={"authorized": authorized, "unauthorized_train": train_u, "selection": selection})
     metrics = build_metrics("ip-clip", config.scenario, domains, authorized, train_u, refs, after,
                             train_unauthorized=train_u, timing={**model.timing, "references_s": t_refs},
-                            history=model.history)
+                            history=model.history, selection=selection)
     run.save_metrics(metrics)
     run.finish()
     return metrics

@@ -45,8 +45,15 @@ def cosine_with_warmup(optimizer: torch.optim.Optimizer, warmup_steps: int, tota
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def subsample_indices(n: int, max_n: int | None, seed: int) -> np.ndarray:
+    """The (sorted) indices ``subsample`` keeps out of ``n`` images."""
+    if max_n is None or n <= max_n:
+        return np.arange(n)
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(n, max_n, replace=False))
+
+
 def subsample(split: ImageSplit, max_n: int | None, seed: int) -> ImageSplit:
     if max_n is None or len(split) <= max_n:
         return split
-    rng = np.random.default_rng(seed)
-    return split.subset(np.sort(rng.choice(len(split), max_n, replace=False)))
+    return split.subset(subsample_indices(len(split), max_n, seed))
