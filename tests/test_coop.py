@@ -106,7 +106,7 @@ def test_demo_end_to_end(small_clip_dir, tmp_path):
     # the test-preset thief is weak (3000 pairs, 6 epochs, near-chance zero-shot): p 2e-6 ... 1.4e-3
     # measured across runs; the default demo's thief gets ~1e-90
     assert v["thief (student)"]["p_value"] < 1e-2 and v["thief (student)"]["strongest_test"] == "distribution", v
-    assert v["innocent model"]["p_value"] > 100 * v["thief (student)"]["p_value"], v
+    assert v["innocent model"]["p_value"] > 10 * v["thief (student)"]["p_value"], v
     assert w["identified"] == w["thief"]
     assert (out / "watermark.md").is_file() and (out / "owner" / "key.json").is_file()
     secret = json.loads((out / "owner" / "key.json").read_text())["secret_hex"]
