@@ -320,10 +320,19 @@ def test_select_best_restores_the_chosen_epoch(small_clip, synthetic_domains, tm
     # 10 / 12 %: epoch 6 is chosen (ties on acc_a and acc_u go to the later epoch)
     kw = dict(FAST, epochs=8, max_train=160, w_self=0.0, clip_per_sample=True, clip_value=3.0, val_size=40)
     doms = synthetic_domains
-    sel = train_ipclip(small_clip, doms[AUTH], [doms[UNAUTH]], IPCLIPConfig(**kw, select_best=True), verbose=False)
-    last = train_ipclip(small_clip, doms[AUTH], [doms[UNAUTH]], IPCLIPConfig(**kw), verbose=False)
+    bound = 15.0
+    E = kw["epochs"]
+    # the trajectory depends on the thread count (with 2 threads every held-out score ties and the
+    # last epoch wins, which would not show a restore): one thread, as measured
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        sel = train_ipclip(small_clip, doms[AUTH], [doms[UNAUTH]], IPCLIPConfig(**kw, select_best=True), verbose=False)
+        last = train_ipclip(small_clip, doms[AUTH], [doms[UNAUTH]], IPCLIPConfig(**kw), verbose=False)
+    finally:
+        torch.set_num_threads(threads)
     chosen = sel.selection["epoch"]
-    assert 1 <= chosen < kw["epochs"], sel.selection
+    assert 1 <= chosen < E, sel.selection
     # the selection did not change training: both runs have the same per-epoch losses
     for h1, h2 in zip(sel.history, last.history):
         assert h1["total"] == pytest.approx(h2["total"], abs=1e-6)
@@ -342,9 +351,9 @@ def test_select_best_restores_the_chosen_epoch(small_clip, synthetic_domains, tm
     assert val_acc(sel) == pytest.approx(rec(chosen), abs=1e-4)
     assert val_acc(last) == pytest.approx(rec(kw["epochs"]), abs=1e-4)
     assert rec(chosen) != rec(kw["epochs"])
-    # the choice follows the rule: no epoch with unauthorized val acc <= 15 % has a higher authorized one
-    ok = [rec(e) for e in range(1, kw["epochs"] + 1) if rec(e)[1] <= 15.0]
-    assert rec(chosen)[1] <= 15.0 and rec(chosen)[0] == max(a for a, _ in ok)
+    # the choice follows the rule: no epoch with unauthorized val acc <= the bound has a higher authorized one
+    ok = [rec(e) for e in range(1, kw["epochs"] + 1) if rec(e)[1] <= bound]
+    assert rec(chosen)[1] <= bound and rec(chosen)[0] == max(a for a, _ in ok)
     # saved and reloaded, the generator is the chosen epoch's
     sel.save(tmp_path / "gen")
     again = IPCLIP.load(tmp_path / "gen", small_clip)
