@@ -189,6 +189,7 @@ def run_calibrate(innocents: Sequence[str | Path], key: str | Path, watermark: s
     for path in innocents:
         reps = _run(wm, path, clean, probes, ids, max_queries, alpha, None, "inconclusive")
         per_model.append(reps)
+
     def fit(models: list[list]) -> dict:
         # the Procrustes statistic does not depend on the customer: one report per model for its
         # mean/sd; the threshold from every (model, customer) p-value
