@@ -90,7 +90,7 @@ def test_demo_end_to_end(small_clip_dir, tmp_path):
 
     out = tmp_path / "demo"
     main(["demo", "--preset", "test", "--ipclip-epochs", "8", "--ipclip-lr", "0.002", "--out", str(out),
-          "--steal-pairs", "3000", "--steal-epochs", "6", "--innocent-steps", "60"])
+          "--steal-pairs", "6000", "--steal-epochs", "6", "--innocent-steps", "60"])
     m = json.loads((out / "metrics.json").read_text())
     assert set(m["accuracy"]) == {"zero-shot", "CoOp", "IP-CLIP"}
     assert (out / "samples.png").stat().st_size > 10_000 and (out / "accuracy.png").stat().st_size > 10_000
@@ -103,10 +103,10 @@ def test_demo_end_to_end(small_clip_dir, tmp_path):
     v = {r["suspect"]: r for r in w["verification"]}
     assert v["innocent model"]["verdict"] == "not-detected", v
     assert v["relay of the service, rotated"]["verdict"] == "stolen", v
-    # the test-preset thief is weak (3000 pairs, 6 epochs, near-chance zero-shot): p 2e-6 ... 1.4e-3
-    # measured across runs; the default demo's thief gets ~1e-90
-    assert v["thief (student)"]["p_value"] < 1e-2 and v["thief (student)"]["strongest_test"] == "distribution", v
-    assert v["innocent model"]["p_value"] > 10 * v["thief (student)"]["p_value"], v
+    # measured on the test preset with 6000 pairs: the student at 48 % zero-shot, p 9e-32 (with 3000
+    # pairs it stayed at chance and its p wandered between 2e-6 and 0.09 with the random key)
+    assert v["thief (student)"]["verdict"] == "stolen" and v["thief (student)"]["strongest_test"] == "distribution", v
+    assert w["identified_verdict"] == "stolen"
     assert w["identified"] == w["thief"]
     assert (out / "watermark.md").is_file() and (out / "owner" / "key.json").is_file()
     secret = json.loads((out / "owner" / "key.json").read_text())["secret_hex"]
