@@ -334,7 +334,7 @@ def _random_shift(x: torch.Tensor, max_shift: int, g: torch.Generator) -> torch.
 
 
 def train_masks(masked: MaskedClassifier, source_model: nn.Module, x_src: torch.Tensor, x_tgt: torch.Tensor | None,
-                config: MAPConfig, neighbour: bool = False, callback=None,
+                config: MAPConfig, neighbour: bool = False,
                 val: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> list[dict[str, float]]:
     """Learn the mask scores. ``x_tgt`` is the unauthorized pool (or, with ``neighbour``, None:
     each step's unauthorized batch is a strong shift of another pseudo-source batch).
@@ -416,8 +416,6 @@ def train_masks(masked: MaskedClassifier, source_model: nn.Module, x_src: torch.
             masked.train()
             checkpoints.append({"step": step + 1, "acc_a": acc_a, "acc_u": acc_u,
                                 "scores": [sc.detach().clone() for sc in masked.scores]})
-        if callback is not None:
-            callback(step, masked)
     if checkpoints:
         lowest = min(c["acc_u"] for c in checkpoints)
         near = [c for c in checkpoints if c["acc_u"] <= lowest + config.val_tolerance]
