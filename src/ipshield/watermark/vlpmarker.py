@@ -352,7 +352,7 @@ class VLPMarker:
             w_ref, hist = refine_transform(w0, self._y, self._t, self.pairing(customer_id), self.config, self._ui,
                                            self._ut, protected=self._protected)
             w = signature(w_ref, self._key.derive(f"vlpmarker/signature/{customer_id}"), self.config.signature,
-                          self._signature_projector())
+                          protected_projector(self._protected, self.dim))
             hist = hist + [{"step": "signature", **describe_transform(w, self._y, self._t, self.pairing(customer_id),
                                                                        self._ui, self._ut)}]
             if len(self._cache) > 64:
@@ -363,9 +363,6 @@ class VLPMarker:
     def matrix(self, customer_id: str) -> torch.Tensor:
         """``W_k`` (float64 [D, D]); secret."""
         return self._refined(check_customer_id(customer_id))[0]
-
-    def _signature_projector(self) -> torch.Tensor | None:
-        return protected_projector(self._protected, self.dim)
 
     def signature_template(self, customer_id: str) -> dict[str, torch.Tensor] | None:
         """What the covariance test needs (secret): the key-derived Gaussian matrix of the customer's
@@ -378,7 +375,7 @@ class VLPMarker:
         cid = check_customer_id(customer_id)
         w_ref = self._refined(cid)[2]
         return {"a": signature_matrix(self._key.derive(f"vlpmarker/signature/{cid}"), self.dim),
-                "proj": _or_identity(self._signature_projector(), self.dim),
+                "proj": _or_identity(protected_projector(self._protected, self.dim), self.dim),
                 "base_gram": w_ref @ w_ref.T}
 
     def inverse(self, customer_id: str) -> torch.Tensor:
