@@ -136,6 +136,43 @@ def test_sf_and_df_map_reduce_unauthorized(source_model, digits):
     assert df["drop_a"] < 10.0
 
 
+def test_translate_to_source_moves_images_to_the_source_statistics(source_model, digits):
+    """SF's translated pseudo-source: USPS images moved to the MNIST source's BatchNorm statistics
+    get closer to them (measured by the same distance) and keep the source's predicted class."""
+    from ipshield.protect.map import MAPConfig, _BNStatHook, protect, translate_to_source
+    from ipshield.protect.restrict import train_tensors
+
+    x, _ = train_tensors(digits["usps"], 256, 32, 0)
+    cfg = MAPConfig(setting="sf", translate_steps=25)
+
+    def bn_distance(images):
+        hook = _BNStatHook(source_model)
+        with torch.no_grad():
+            source_model(images)
+        d = float(hook.pop())
+        hook.remove()
+        return d
+
+    with torch.no_grad():
+        y0 = source_model(x).argmax(-1)
+    xt, yt, info = translate_to_source(source_model, x, cfg)
+    assert xt.shape == x.shape and 0.0 <= float(xt.min()) and float(xt.max()) <= 1.0
+    assert torch.equal(yt, y0)
+    assert bn_distance(xt) < 0.7 * bn_distance(x)
+    with torch.no_grad():
+        assert float((source_model(xt).argmax(-1) == yt).float().mean()) > 0.95
+    # the confidence guard: with an unreachable threshold nothing is moved, and the run says so
+    px, py = torch.rand(64, 3, 32, 32), torch.arange(64) % 10
+    _, info = protect(source_model, MAPConfig(setting="sf", steps=2, n_train=200, translate_target=100,
+                                              translate_min_confidence=1.01), digits["mnist"], [digits["usps"]],
+                      pseudo_source=(px, py))
+    assert info["translated"]["n"] == 0
+    from ipshield.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="only SF-MAP"):
+        MAPConfig.build({"setting": "sa", "translate_target": 10})
+
+
 @pytest.mark.parametrize("method", ["ntl", "cuti"])
 def test_ntl_and_cuti_reduce_unauthorized(method, source_model, digits):
     from ipshield.registry import METHODS

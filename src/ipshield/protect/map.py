@@ -32,6 +32,7 @@ from typing import Any, Literal, Sequence
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import model_validator
 from torch.func import functional_call
 
 from ipshield.distributed import average_gradients, init_from_env, shard
@@ -113,8 +114,29 @@ class MAPConfig(RestrictionConfig):
     ce_weight: float = 1.0
     diversity_weight: float = 1.0
     n_pseudo: int = 2000
+    #: SF only: also move this many unauthorized training images to the source model's BatchNorm
+    #: statistics (pixel optimisation from the image, keeping the source's predicted class) and add
+    #: them to the pseudo-source [ours: the generator's images cover a source such as MNIST-M
+    #: poorly (colour noise), and the mask then prunes what the real source needs; see
+    #: docs/map.md]; 0 = off
+    translate_target: int = 0
+    translate_steps: int = 50
+    translate_lr: float = 0.1
+    #: only unauthorized images the source model classifies with at least this probability are
+    #: moved (the class it predicts is what the moved image must keep; a weak guess would teach
+    #: the mask a wrong class)
+    translate_min_confidence: float = 0.9
     # --- neighbour domains (df)
     n_shift_compose: int = 2
+
+    @model_validator(mode="after")
+    def _check_translate(self) -> "MAPConfig":
+        if self.translate_target < 0 or self.translate_steps < 1:
+            raise ValueError("translate_target must be >= 0 and translate_steps >= 1")
+        if self.translate_target > 0 and self.setting != "sf":
+            raise ValueError(f"translate_target moves unauthorized training images, which only SF-MAP uses; "
+                             f"setting is '{self.setting}': set translate_target=0 or setting=sf")
+        return self
 
 
 # --------------------------------------------------------------------------------------------- masks
@@ -319,6 +341,47 @@ def synthesize_pseudo_source(source_model: nn.Module, num_classes: int, config: 
     return x_all, y_all, info
 
 
+def translate_to_source(source_model: nn.Module, images: torch.Tensor, config: MAPConfig,
+                        batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
+    """Pseudo-source images made from other images (SF: the unauthorized training images): each
+    batch is optimised in pixel space (logits of the pixels, Adam, ``translate_steps`` steps of
+    ``translate_lr``) so that the batch statistics at the source model's BatchNorm layers match the
+    stored running statistics, with a cross-entropy to the class the source model predicted on the
+    original image. Returns the images, those classes and info (the final BatchNorm distance)."""
+    require_batchnorm(source_model, "translating images to the source statistics (SF-MAP)")
+    device = torch.device(config.device)
+    model = source_model.eval()
+    frozen = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    hook = _BNStatHook(model)
+    out, labels, last = [], [], float("nan")
+    t0 = time.time()
+    try:
+        for s in progress(range(0, len(images), batch_size), desc="translate to source statistics"):
+            x = images[s:s + batch_size].to(device)
+            with torch.no_grad():
+                y = model(x).argmax(-1)
+            z = torch.logit(x.clamp(0.02, 0.98)).detach().requires_grad_(True)
+            opt = torch.optim.Adam([z], lr=config.translate_lr)
+            for _ in range(config.translate_steps):
+                hook.losses = []
+                logits = model(torch.sigmoid(z))
+                l_bn = hook.pop()
+                loss = config.bn_weight * l_bn + config.ce_weight * F.cross_entropy(logits, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                last = float(l_bn.detach())
+            out.append(torch.sigmoid(z).detach().cpu())
+            labels.append(y.cpu())
+    finally:
+        hook.remove()
+        for p, f in zip(model.parameters(), frozen):
+            p.requires_grad_(f)
+    return torch.cat(out), torch.cat(labels), {"n": len(images), "bn_distance": last, "seconds": round(time.time() - t0, 1)}
+
+
 # --------------------------------------------------------------------------------------------- training
 
 
@@ -498,6 +561,15 @@ def protect(source_model: nn.Module, config: MAPConfig, authorized: Domain | Non
         lam = 0.3 + 0.4 * torch.rand(len(xa_val), 1, 1, 1, generator=gv)
         xa_mix = lam * xa_val + (1 - lam) * xa_val[i]
         val = (xa_mix, _probs(source_model, xa_mix, device).argmax(-1), xu_val, yu_val)
+    if config.setting == "sf" and config.translate_target > 0:
+        assert x_tgt is not None  # after the hold-out: only unauthorized *training* images are moved
+        conf = _probs(source_model, x_tgt, device).amax(-1)
+        pool = x_tgt[conf >= config.translate_min_confidence][:config.translate_target]
+        if len(pool):
+            x_tr, y_tr, info["translated"] = translate_to_source(source_model, pool, config)
+            x_src, y_src = torch.cat([x_src, x_tr]), torch.cat([y_src.long(), y_tr.long()])
+        else:
+            info["translated"] = {"n": 0, "note": "no unauthorized image reached translate_min_confidence"}
     info["history"] = train_masks(masked, source_model, x_src, x_tgt, config, neighbour=config.setting == "df", val=val)
     info["selected"] = next((h["selected_step"] for h in info["history"] if "selected_step" in h), None)
     info["sparsity"] = masked.sparsity()
