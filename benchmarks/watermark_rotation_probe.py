@@ -41,7 +41,6 @@ def main() -> None:
     ap.add_argument("--innocent-steps", type=int, default=600)
     ap.add_argument("--n-probes", type=int, default=512)
     args = ap.parse_args()
-    torch.set_num_threads(max(1, torch.get_num_threads()))
 
     run = args.run
     teacher = Path(json.loads((run / "config.json").read_text())["model"])

@@ -25,6 +25,7 @@ pruned (zero) weights and no inference overhead.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import time
 from typing import Any, Literal, Sequence
@@ -269,6 +270,22 @@ class _BNStatHook:
             h.remove()
 
 
+@contextlib.contextmanager
+def _bn_matching(model: nn.Module):
+    """The frozen source model in eval mode with a ``_BNStatHook`` on it; restores the parameters'
+    ``requires_grad`` and removes the hook on exit."""
+    frozen = [p.requires_grad for p in model.parameters()]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    hook = _BNStatHook(model.eval())
+    try:
+        yield hook
+    finally:
+        hook.remove()
+        for p, f in zip(model.parameters(), frozen):
+            p.requires_grad_(f)
+
+
 def require_batchnorm(model: nn.Module, what: str) -> None:
     from ipshield.models.classifiers import has_batchnorm
 
@@ -290,16 +307,12 @@ def synthesize_pseudo_source(source_model: nn.Module, num_classes: int, config: 
     g = seed_everything(config.seed + 101)
     device = torch.device(config.device)
     model = source_model.eval()
-    frozen = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
     gen = PseudoSourceGenerator(num_classes, config.z_dim, config.image_size, config.gen_width).to(device)
     opt = torch.optim.Adam(gen.parameters(), lr=config.gen_lr, betas=(0.5, 0.999))
-    hook = _BNStatHook(model)
     half = max(1, config.gen_batch_size // 2)
     history = []
     t0 = time.time()
-    try:
+    with _bn_matching(model) as hook:
         for step in progress(range(config.gen_steps), desc="pseudo-source generator"):
             y_half = torch.randint(0, num_classes, (half,), generator=g).to(device)
             y = torch.cat([y_half, y_half])
@@ -329,10 +342,6 @@ def synthesize_pseudo_source(source_model: nn.Module, num_classes: int, config: 
                 z = torch.randn(len(y), config.z_dim, generator=g).to(device)
                 images.append(gen(z, y).cpu())  # generator in train mode: batch statistics as in training
                 labels.append(y.cpu())
-    finally:
-        hook.remove()
-        for p, f in zip(model.parameters(), frozen):
-            p.requires_grad_(f)
     x_all, y_all = torch.cat(images), torch.cat(labels)
     with torch.no_grad():
         pred = torch.cat([model(x_all[s:s + 256].to(device)).argmax(-1).cpu() for s in range(0, len(x_all), 256)])
@@ -351,13 +360,9 @@ def translate_to_source(source_model: nn.Module, images: torch.Tensor, config: M
     require_batchnorm(source_model, "translating images to the source statistics (SF-MAP)")
     device = torch.device(config.device)
     model = source_model.eval()
-    frozen = [p.requires_grad for p in model.parameters()]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    hook = _BNStatHook(model)
     out, labels, last = [], [], float("nan")
     t0 = time.time()
-    try:
+    with _bn_matching(model) as hook:
         for s in progress(range(0, len(images), batch_size), desc="translate to source statistics"):
             x = images[s:s + batch_size].to(device)
             with torch.no_grad():
@@ -375,10 +380,6 @@ def translate_to_source(source_model: nn.Module, images: torch.Tensor, config: M
                 last = float(l_bn.detach())
             out.append(torch.sigmoid(z).detach().cpu())
             labels.append(y.cpu())
-    finally:
-        hook.remove()
-        for p, f in zip(model.parameters(), frozen):
-            p.requires_grad_(f)
     return torch.cat(out), torch.cat(labels), {"n": len(images), "bn_distance": last, "seconds": round(time.time() - t0, 1)}
 
 
