@@ -173,6 +173,84 @@ def test_translate_to_source_moves_images_to_the_source_statistics(source_model,
         MAPConfig.build({"setting": "sa", "translate_target": 10})
 
 
+def test_preserve_features_keeps_the_masked_features_near_the_source(source_model, digits):
+    """The feature-preservation term: the same SF run (same pseudo-source, seed and steps) with
+    ``preserve_features`` keeps the masked model's BatchNorm outputs on real authorized images
+    nearer the source's, and prunes fewer weights; it is a clear error without BatchNorm."""
+    from ipshield.protect.map import MAPConfig, _FeatureTap, protect
+    from ipshield.protect.restrict import train_tensors
+
+    px = torch.rand(256, 3, 32, 32)
+    with torch.no_grad():
+        py = source_model(px).argmax(-1)
+    xa, _ = train_tensors(digits["mnist"], 256, 32, 1)
+
+    def feature_gap(masked):
+        tap = _FeatureTap(source_model)
+        with torch.no_grad():
+            source_model(xa)
+            ref = tap.take()
+            masked(xa)
+            got = tap.take()
+        tap.remove()
+        return float(torch.stack([torch.mean((a - b) ** 2) for a, b in zip(got, ref)]).mean())
+
+    base = dict(setting="sf", steps=80, n_train=N_TRAIN, alpha=0.5, score_init=0.1)
+    m0, i0 = protect(source_model, MAPConfig(**base), None, [digits["usps"]], pseudo_source=(px, py))
+    m1, i1 = protect(source_model, MAPConfig(**base, preserve_features=10.0), None, [digits["usps"]], pseudo_source=(px, py))
+    assert feature_gap(m1) < 0.7 * feature_gap(m0)
+    assert i1["sparsity"]["pruned"] < i0["sparsity"]["pruned"]
+
+    class NoBN(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc = nn.Linear(3 * 32 * 32, 10)
+
+        def forward(self, x):
+            return self.fc(x.flatten(1))
+
+    with pytest.raises(IPShieldError, match="no BatchNorm"):
+        protect(NoBN(), MAPConfig(setting="sa", steps=2, n_train=100, preserve_features=1.0), digits["mnist"], [digits["usps"]])
+
+
+def test_stat_neighbours_shift_the_feature_statistics_and_keep_the_class(source_model):
+    """DF-MAP's statistics neighbours: pseudo-source batches moved to random shifts of the source
+    BatchNorm statistics move away from those statistics, stay recognised as their class, and
+    differ between domains (batches); DF runs with them."""
+    from ipshield.protect.map import (MAPConfig, _BNStatHook, _FeatureTap, synthesize_pseudo_source,
+                                      synthesize_stat_neighbours)
+
+    cfg = MAPConfig(setting="df", gen_steps=80, n_pseudo=256, neighbours="stats", stat_shift=1.5)
+    x, y, _ = synthesize_pseudo_source(source_model, 10, cfg)
+
+    def bn_distance(images):
+        hook = _BNStatHook(source_model)
+        with torch.no_grad():
+            source_model(images)
+        d = float(hook.pop())
+        hook.remove()
+        return d
+
+    xn, info = synthesize_stat_neighbours(source_model, x, y, cfg)
+    assert xn.shape == x.shape and 0.0 <= float(xn.min()) and float(xn.max()) <= 1.0
+    assert info["domains"] == 4
+    assert bn_distance(xn[:64]) > 1.5 * bn_distance(x[:64])
+    with torch.no_grad():
+        assert float((source_model(xn).argmax(-1) == y).float().mean()) > 0.8
+    # each batch is its own domain: two domains differ at the BatchNorm layers far more than two
+    # batches of the pseudo-source do
+    tap = _FeatureTap(source_model)
+    with torch.no_grad():
+        stats = [[f.mean((0, 2, 3)) if f.dim() == 4 else f.mean(0) for f in (source_model(b), tap.take())[1]]
+                 for b in (xn[:64], xn[64:128], x[:64], x[64:128])]
+    tap.remove()
+
+    def gap(a, b):
+        return float(sum(torch.norm(u - v) for u, v in zip(a, b)))
+
+    assert gap(stats[0], stats[1]) > 2.0 * gap(stats[2], stats[3])
+
+
 @pytest.mark.parametrize("method", ["ntl", "cuti"])
 def test_ntl_and_cuti_reduce_unauthorized(method, source_model, digits):
     from ipshield.registry import METHODS

@@ -43,8 +43,9 @@ class DigitsBenchConfig(BaseConfig):
     n_train: int = 6000
     n_test: int = 1000
     source_epochs: int = 6
-    #: optimisation steps of every protection (mask steps for MAP, fine-tuning steps for NTL/CUTI)
-    steps: int = 300
+    #: optimisation steps of every protection (mask steps for MAP, fine-tuning steps for NTL/CUTI);
+    #: None = each method's own default (300; SA-MAP 450)
+    steps: int | None = None
     #: pseudo-source generator steps and pool size (SF/DF-MAP)
     gen_steps: int = 200
     n_pseudo: int = 2000
@@ -184,7 +185,9 @@ class DigitsBench:
         from ipshield.registry import METHODS
 
         c = self.cfg
-        data: dict[str, Any] = {"seed": c.seed, "n_train": c.n_train, "n_test": c.n_test, "steps": c.steps}
+        data: dict[str, Any] = {"seed": c.seed, "n_train": c.n_train, "n_test": c.n_test}
+        if c.steps is not None:
+            data["steps"] = c.steps
         if method.endswith("map"):
             data.update({"gen_steps": c.gen_steps, "n_pseudo": c.n_pseudo})
         data.update(c.method_options.get(method, {}))

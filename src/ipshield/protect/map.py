@@ -16,8 +16,15 @@ scores are trained (Adam), with
 - ``sf`` (SF-MAP): pseudo-source images synthesised from the source model (a conditional
   generator trained so that its images match the source BatchNorm statistics, are classified as
   the requested class and are diverse) and real unauthorized images;
-- ``df`` (DF-MAP): the pseudo-source images, and synthetic neighbour domains (strong shifts of the
-  pseudo-source, ``ipshield.protect.shifts``) in place of the unknown unauthorized domains.
+- ``df`` (DF-MAP): the pseudo-source images, and synthetic neighbour domains in place of the
+  unknown unauthorized domains: strong pixel shifts of the pseudo-source
+  (``ipshield.protect.shifts``) and/or pseudo-source batches moved to random shifts of the source
+  BatchNorm statistics (``synthesize_stat_neighbours``).
+
+Options the registry entries turn on (``SA_DEFAULTS``, ``SF_DEFAULTS``, ``DF_DEFAULTS``; measured
+in docs/map.md): mixtures of source images in the preservation term, a top-2 push and held-out
+mask selection (SA); a BatchNorm-feature preservation term and unauthorized images moved to the
+source statistics (SF); both kinds of neighbour domains (DF).
 
 ``export`` folds the mask into the weights: the protected model is an ordinary classifier with
 pruned (zero) weights and no inference overhead.
@@ -94,6 +101,13 @@ class MAPConfig(RestrictionConfig):
     #: with target_loss "ce": push the unauthorized prediction away from the source's top-k
     #: classes, D = -log(sum of p_M over them) [ours; 1 = the source's predicted class only]
     target_topk: int = 1
+    #: weight of a feature-preservation term on the source images: the mean squared difference
+    #: between the masked and the source model's BatchNorm outputs (every BN layer; they are
+    #: normalised by the source running statistics, so the layers weigh alike) [ours: the output
+    #: KL is flat on images the source classifies confidently (e.g. synthesised pseudo-source
+    #: images), so the mask can prune what the real source images need before the KL notices;
+    #: the features notice]
+    preserve_features: float = 0.0
     # --- checkpoint selection [ours]
     #: "last": keep the final mask; "val": every ``val_every`` steps evaluate the mask on
     #: images held out of training, and keep, among the evaluated masks whose held-out
@@ -129,14 +143,33 @@ class MAPConfig(RestrictionConfig):
     translate_min_confidence: float = 0.9
     # --- neighbour domains (df)
     n_shift_compose: int = 2
+    #: DF: where the neighbour domains come from. "shifts" = pixel-space shifts of the
+    #: pseudo-source (``ipshield.protect.shifts``); "stats" = feature-statistics shifts: batches
+    #: of pseudo-source images optimised in pixel space so that their statistics at the source
+    #: model's BatchNorm layers match randomly shifted copies of the running statistics (one
+    #: random shift per batch = one neighbour domain), keeping the requested class; "both" = half
+    #: of each unauthorized batch from each [ours]
+    neighbours: Literal["shifts", "stats", "both"] = "shifts"
+    #: size of the random shift of each BatchNorm layer's statistics (means move by this many
+    #: running standard deviations per channel, variances are scaled by exp(+-this))
+    stat_shift: float = 3.0
+    #: pixel-optimisation steps per neighbour domain (Adam at ``translate_lr``)
+    stat_steps: int = 25
+    #: images per synthesised neighbour domain (one random statistics shift each)
+    stat_domain_size: int = 64
 
     @model_validator(mode="after")
-    def _check_translate(self) -> "MAPConfig":
+    def _check_setting_options(self) -> "MAPConfig":
         if self.translate_target < 0 or self.translate_steps < 1:
             raise ValueError("translate_target must be >= 0 and translate_steps >= 1")
         if self.translate_target > 0 and self.setting != "sf":
             raise ValueError(f"translate_target moves unauthorized training images, which only SF-MAP uses; "
                              f"setting is '{self.setting}': set translate_target=0 or setting=sf")
+        if self.neighbours != "shifts" and self.setting != "df":
+            raise ValueError(f"neighbours='{self.neighbours}' chooses DF-MAP's synthetic neighbour domains; setting is "
+                             f"'{self.setting}', which trains on real unauthorized images: leave neighbours at 'shifts' or use setting=df")
+        if self.stat_shift <= 0 or self.stat_steps < 1 or self.stat_domain_size < 2:
+            raise ValueError("stat_shift must be > 0, stat_steps >= 1 and stat_domain_size >= 2")
         return self
 
 
@@ -245,6 +278,24 @@ class PseudoSourceGenerator(nn.Module):
         return torch.sigmoid(self.body(h))
 
 
+class _FeatureTap:
+    """Records the output of every BatchNorm layer of a model on each forward pass (the masked
+    model runs the same modules through ``functional_call``, so one tap serves both)."""
+
+    def __init__(self, model: nn.Module):
+        self.outputs: list[torch.Tensor] = []
+        self.handles = [m.register_forward_hook(lambda _m, _i, out: self.outputs.append(out))
+                        for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def take(self) -> list[torch.Tensor]:
+        out, self.outputs = self.outputs, []
+        return out
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 class _BNStatHook:
     """Collects, for every BatchNorm layer of the frozen source model, the distance between the
     batch statistics of its input and the layer's running statistics."""
@@ -252,13 +303,16 @@ class _BNStatHook:
     def __init__(self, model: nn.Module):
         self.losses: list[torch.Tensor] = []
         self.handles = [m.register_forward_hook(self._hook) for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        #: optional per-layer (mean, var) targets in place of the running statistics
+        self.targets: dict[nn.Module, tuple[torch.Tensor, torch.Tensor]] = {}
 
     def _hook(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         x = inputs[0]
         dims = [0] + list(range(2, x.dim()))
         mean = x.mean(dims)
         var = x.var(dims, unbiased=False)
-        self.losses.append(torch.norm(mean - module.running_mean, 2) + torch.norm(var - module.running_var, 2))
+        t_mean, t_var = self.targets.get(module, (module.running_mean, module.running_var))
+        self.losses.append(torch.norm(mean - t_mean, 2) + torch.norm(var - t_var, 2))
 
     def pop(self) -> torch.Tensor:
         out = torch.stack(self.losses).sum()
@@ -383,6 +437,45 @@ def translate_to_source(source_model: nn.Module, images: torch.Tensor, config: M
     return torch.cat(out), torch.cat(labels), {"n": len(images), "bn_distance": last, "seconds": round(time.time() - t0, 1)}
 
 
+def synthesize_stat_neighbours(source_model: nn.Module, images: torch.Tensor, labels: torch.Tensor, config: MAPConfig
+                               ) -> tuple[torch.Tensor, dict[str, Any]]:
+    """DF-MAP neighbour domains from feature-statistics shifts: each batch of
+    ``stat_domain_size`` pseudo-source images is optimised in pixel space so that its statistics
+    at every BatchNorm layer of the source model match a random shift of the running statistics
+    (mean + stat_shift * N(0, 1) * running std per channel, var * exp(stat_shift * N(0, 1))),
+    with a cross-entropy to the requested class: images the source model still recognises, from
+    a domain whose feature statistics differ from the source's. Returns the images and info."""
+    require_batchnorm(source_model, "DF-MAP neighbour domains from feature statistics")
+    device = torch.device(config.device)
+    model = source_model.eval()
+    g = torch.Generator().manual_seed(config.seed + 23)
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    out, t0 = [], time.time()
+    with _bn_matching(model) as hook:
+        for s in progress(range(0, len(images), config.stat_domain_size), desc="neighbour domains (statistics)"):
+            x, y = images[s:s + config.stat_domain_size].to(device), labels[s:s + config.stat_domain_size].to(device)
+            hook.targets = {}
+            for m in bns:
+                c = m.running_mean.shape[0]
+                sd = m.running_var.sqrt()
+                mean = m.running_mean + config.stat_shift * torch.randn(c, generator=g).to(device) * sd
+                var = m.running_var * torch.exp(config.stat_shift * torch.randn(c, generator=g).to(device))
+                hook.targets[m] = (mean, var)
+            z = torch.logit(x.clamp(0.02, 0.98)).detach().requires_grad_(True)
+            opt = torch.optim.Adam([z], lr=config.translate_lr)
+            for _ in range(config.stat_steps):
+                hook.losses = []
+                logits = model(torch.sigmoid(z))
+                loss = config.bn_weight * hook.pop() + config.ce_weight * F.cross_entropy(logits, y)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+            out.append(torch.sigmoid(z).detach().cpu())
+        hook.targets = {}
+    return torch.cat(out), {"n": len(images), "domains": -(-len(images) // config.stat_domain_size),
+                            "seconds": round(time.time() - t0, 1)}
+
+
 # --------------------------------------------------------------------------------------------- training
 
 
@@ -399,7 +492,8 @@ def _random_shift(x: torch.Tensor, max_shift: int, g: torch.Generator) -> torch.
 
 def train_masks(masked: MaskedClassifier, source_model: nn.Module, x_src: torch.Tensor, x_tgt: torch.Tensor | None,
                 config: MAPConfig, neighbour: bool = False,
-                val: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> list[dict[str, float]]:
+                val: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+                x_stat: torch.Tensor | None = None) -> list[dict[str, float]]:
     """Learn the mask scores. ``x_tgt`` is the unauthorized pool (or, with ``neighbour``, None:
     each step's unauthorized batch is a strong shift of another pseudo-source batch).
 
@@ -407,8 +501,6 @@ def train_masks(masked: MaskedClassifier, source_model: nn.Module, x_src: torch.
     with ``config.select == "val"`` the mask is evaluated on them every ``val_every`` steps and
     the best evaluated mask is kept (see ``MAPConfig.select``); the history records the choice.
     """
-    from ipshield.protect.shifts import neighbour_shift
-
     device = torch.device(config.device)
     init_from_env()
     g = torch.Generator().manual_seed(config.seed + 7)
@@ -416,21 +508,55 @@ def train_masks(masked: MaskedClassifier, source_model: nn.Module, x_src: torch.
     src = BatchStream(x_src, p_src, batch_size=config.batch_size, generator=g)
     if neighbour:
         tgt = BatchStream(x_src, batch_size=config.batch_size, generator=g)
-    else:
-        assert x_tgt is not None
+    elif x_tgt is not None:
         tgt = BatchStream(x_tgt, _probs(source_model, x_tgt, device), batch_size=config.batch_size, generator=g)
+    elif x_stat is not None:
+        tgt = None
+    else:
+        raise ValueError("train_masks needs unauthorized images (x_tgt), neighbour=True or x_stat")
+    stat = None if x_stat is None else BatchStream(x_stat, _probs(source_model, x_stat, device),
+                                                     batch_size=config.batch_size, generator=g)
     opt = torch.optim.Adam(masked.scores.parameters(), lr=config.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, config.steps))
     masked.train()
-    history = []
-    checkpoints: list[dict[str, Any]] = []
     use_val = config.select == "val" and val is not None
+    tap = None
+    if config.preserve_features > 0:
+        from ipshield.models.classifiers import has_batchnorm
+
+        if not has_batchnorm(source_model):
+            raise IPShieldError("preserve_features compares BatchNorm outputs, and the source model has no BatchNorm layer",
+                                "set preserve_features=0, or use a source model with BatchNorm (e.g. --arch vgg_small)")
+        tap = _FeatureTap(source_model)
+    try:
+        history = _mask_steps(masked, source_model, src, tgt, opt, sched, config, neighbour, g, device, val, use_val, tap,
+                              stat)
+    finally:
+        if tap is not None:
+            tap.remove()
+    masked.eval()
+    return history
+
+
+def _mask_steps(masked, source_model, src, tgt, opt, sched, config, neighbour, g, device, val, use_val, tap, stat):
+    """The optimisation loop of ``train_masks`` (``tap``: the BatchNorm-output tap of the feature
+    term or None; ``stat``: the stream of statistics neighbours or None)."""
+    from ipshield.protect.shifts import neighbour_shift
+
+    history: list[dict[str, Any]] = []
+    checkpoints: list[dict[str, Any]] = []
     for step in progress(range(config.steps), desc=f"{config.setting}-map masks"):
         xs, ps = src.next()
-        if neighbour:
+        if stat is not None and not neighbour:
+            xt, pt = stat.next()
+        elif neighbour:
             (xn,) = tgt.next()
             xt = neighbour_shift(xn, g, n_compose=config.n_shift_compose)
             pt = _probs(source_model, xt, device)
+            if stat is not None:  # "both": half of the batch from each source of neighbours
+                xq, pq = stat.next()
+                h = len(xt) // 2
+                xt, pt = torch.cat([xt[:h], xq[: len(xq) - h]]), torch.cat([pt[:h], pq[: len(xq) - h]])
         else:
             xt, pt = tgt.next()
         if config.augment:
@@ -449,8 +575,17 @@ def train_masks(masked: MaskedClassifier, source_model: nn.Module, x_src: torch.
         if len(part) < full:
             xs, ps, xt, pt = xs[part], ps[part], xt[part_t], pt[part_t]
         xs, ps, xt, pt = xs.to(device), ps.to(device), xt.to(device), pt.to(device)
+        if tap is not None:
+            with torch.no_grad():
+                tap.take()
+                source_model(xs)
+                f_ref = tap.take()
         logits = masked(torch.cat([xs, xt]))
         l_src = kl_to_reference(ps, logits[: len(xs)])
+        if tap is not None:
+            f_m = tap.take()
+            l_src = l_src + config.preserve_features * torch.stack(
+                [F.mse_loss(a[: len(xs)], b) for a, b in zip(f_m, f_ref)]).mean()
         if config.source_ce > 0:
             l_src = l_src + config.source_ce * F.cross_entropy(logits[: len(xs)], ps.argmax(-1))
         lt_logits = logits[len(xs):]
@@ -489,7 +624,6 @@ def train_masks(masked: MaskedClassifier, source_model: nn.Module, x_src: torch.
                 sc.copy_(saved)
         history.append({"selected_step": best["step"], "val": [{"step": c["step"], "agreement_a": c["acc_a"],
                                                                 "acc_u": c["acc_u"]} for c in checkpoints]})
-    masked.eval()
     return history
 
 
@@ -571,7 +705,11 @@ def protect(source_model: nn.Module, config: MAPConfig, authorized: Domain | Non
             x_src, y_src = torch.cat([x_src, x_tr]), torch.cat([y_src.long(), y_tr.long()])
         else:
             info["translated"] = {"n": 0, "note": "no unauthorized image reached translate_min_confidence"}
-    info["history"] = train_masks(masked, source_model, x_src, x_tgt, config, neighbour=config.setting == "df", val=val)
+    x_stat = None
+    if config.setting == "df" and config.neighbours in ("stats", "both"):
+        x_stat, info["neighbours"] = synthesize_stat_neighbours(source_model, x_src, y_src.long(), config)
+    info["history"] = train_masks(masked, source_model, x_src, x_tgt, config,
+                                  neighbour=config.setting == "df" and config.neighbours != "stats", val=val, x_stat=x_stat)
     info["selected"] = next((h["selected_step"] for h in info["history"] if "selected_step" in h), None)
     info["sparsity"] = masked.sparsity()
     return masked, info
@@ -610,13 +748,21 @@ def run(config: MAPConfig, source_model, authorized: Domain, unauthorized: list[
 #: what the ``sa-map`` entry (CLI ``protect map --setting sa``, ``bench digits``) sets on top of the
 #: MAPConfig defaults [ours, measured per pair in docs/map.md: mixtures in the preservation term,
 #: top-2 push, held-out checkpoint selection, scores starting at 0.2 so that the unauthorized
-#: collapse comes early and leaves steps to repair the authorized accuracy]. SF/DF keep the
-#: MAPConfig defaults (not measured better there).
-SA_DEFAULTS: dict[str, Any] = {"setting": "sa", "preserve_mix": 1.0, "target_topk": 2, "select": "val", "score_init": 0.2}
+#: collapse comes early and leaves steps to repair the authorized accuracy, 450 steps].
+SA_DEFAULTS: dict[str, Any] = {"setting": "sa", "preserve_mix": 1.0, "target_topk": 2, "select": "val", "score_init": 0.2,
+                               "steps": 450}
+#: what the ``sf-map`` entry sets [ours, measured per pair in docs/map.md: the feature-preservation
+#: term, unauthorized images moved to the source statistics, a stronger unauthorized term]
+SF_DEFAULTS: dict[str, Any] = {"setting": "sf", "preserve_features": 10.0, "translate_target": 2000, "translate_steps": 25,
+                               "alpha": 0.2}
 
 METHODS.register("sa-map")(RestrictionMethod("sa-map", MAPConfig, run, dict(SA_DEFAULTS), ("source", "target"),
                                               "MAP with source and unauthorized data"))
-METHODS.register("sf-map")(RestrictionMethod("sf-map", MAPConfig, run, {"setting": "sf"}, ("target",),
+METHODS.register("sf-map")(RestrictionMethod("sf-map", MAPConfig, run, dict(SF_DEFAULTS), ("target",),
                                               "MAP with unauthorized data and synthesised pseudo-source data"))
-METHODS.register("df-map")(RestrictionMethod("df-map", MAPConfig, run, {"setting": "df"}, (),
+#: what the ``df-map`` entry sets [ours, measured in docs/map.md: half of each unauthorized batch
+#: from the pixel shifts, half from random shifts of the source BatchNorm statistics]
+DF_DEFAULTS: dict[str, Any] = {"setting": "df", "neighbours": "both", "stat_shift": 3.0}
+
+METHODS.register("df-map")(RestrictionMethod("df-map", MAPConfig, run, dict(DF_DEFAULTS), (),
                                               "MAP without data: pseudo-source and synthetic neighbour domains"))
