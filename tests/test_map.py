@@ -213,6 +213,26 @@ def test_preserve_features_keeps_the_masked_features_near_the_source(source_mode
         protect(NoBN(), MAPConfig(setting="sa", steps=2, n_train=100, preserve_features=1.0), digits["mnist"], [digits["usps"]])
 
 
+def test_skip_at_chance_keeps_the_model_when_there_is_nothing_to_remove(source_model, digits):
+    """With ``skip_at_chance``, an unauthorized domain on which the source model is already at
+    chance (USPS images with shuffled labels) trains no mask: the model stays unpruned and the run
+    says why; on real USPS (source about 60-80 %) the mask is trained as usual."""
+    import dataclasses
+
+    import numpy as np
+
+    from ipshield.protect.map import MAPConfig, protect
+
+    usps = digits["usps"]
+    labels = np.random.default_rng(0).permutation(usps.train.labels)
+    shuffled = dataclasses.replace(usps, name="usps-shuffled", train=dataclasses.replace(usps.train, labels=labels))
+    cfg = MAPConfig(setting="sa", steps=60, n_train=N_TRAIN, score_init=0.05, skip_at_chance=3.0)
+    masked, info = protect(source_model, cfg, digits["mnist"], [shuffled])
+    assert info["skipped"]["source_acc_u"] <= 13.0 and info["sparsity"]["pruned"] == 0
+    masked, info = protect(source_model, cfg, digits["mnist"], [usps])
+    assert "skipped" not in info and info["sparsity"]["pruned"] > 0
+
+
 def test_stat_neighbours_shift_the_feature_statistics_and_keep_the_class(source_model):
     """DF-MAP's statistics neighbours: pseudo-source batches moved to random shifts of the source
     BatchNorm statistics move away from those statistics, stay recognised as their class, and

@@ -108,6 +108,11 @@ class MAPConfig(RestrictionConfig):
     #: images), so the mask can prune what the real source images need before the KL notices;
     #: the features notice]
     preserve_features: float = 0.0
+    #: SA/SF: if the source model's accuracy on the (labelled) unauthorized training images is
+    #: within this many points of chance, no mask is trained and the model stays unpruned (the
+    #: model is already unusable there, and pushing its outputs away from its own guesses only
+    #: prunes what the authorized domain needs) [ours]; 0 = off
+    skip_at_chance: float = 0.0
     # --- checkpoint selection [ours]
     #: "last": keep the final mask; "val": every ``val_every`` steps evaluate the mask on
     #: images held out of training, and keep, among the evaluated masks whose held-out
@@ -676,6 +681,15 @@ def protect(source_model: nn.Module, config: MAPConfig, authorized: Domain | Non
             raise IPShieldError(f"{config.setting.upper()}-MAP needs unauthorized training data", "name an unauthorized domain, or use setting=df")
         pools = [train_tensors(d, config.n_train, config.image_size, config.seed) for d in unauthorized]
         x_tgt, y_tgt = torch.cat([p[0] for p in pools]), torch.cat([p[1] for p in pools])
+        if config.skip_at_chance > 0:
+            acc = 100.0 * float((_probs(source_model, x_tgt, device).argmax(-1) == y_tgt.long()).float().mean())
+            chance = 100.0 / num_classes
+            if acc <= chance + config.skip_at_chance:
+                info.update(skipped={"source_acc_u": round(acc, 2), "chance": round(chance, 2),
+                                     "reason": "the source model is already at chance on the unauthorized training "
+                                               "images: there is nothing to remove, the model is kept unpruned"},
+                            history=[], selected=None, sparsity=masked.sparsity())
+                return masked, info
     val = None
     if config.select == "val":
         # held-out images for choosing the mask (authorized: real or pseudo-source with their
@@ -742,7 +756,8 @@ def run(config: MAPConfig, source_model, authorized: Domain, unauthorized: list[
         before.update(evaluate(source_model, {d.name: d for d in extra_domains}, config.n_test, config.seed, config.image_size))
     return finish_run(name, config, source_model, protected, authorized, unauth, out, t0, extra_domains=extra_domains,
                       before=before, sparsity=info["sparsity"], setting=config.setting,
-                      pseudo_source=info.get("pseudo_source"), history=info["history"])
+                      pseudo_source=info.get("pseudo_source"), history=info["history"],
+                      **({"skipped": info["skipped"]} if "skipped" in info else {}))
 
 
 #: what the ``sa-map`` entry (CLI ``protect map --setting sa``, ``bench digits``) sets on top of the
@@ -750,11 +765,11 @@ def run(config: MAPConfig, source_model, authorized: Domain, unauthorized: list[
 #: top-2 push, held-out checkpoint selection, scores starting at 0.2 so that the unauthorized
 #: collapse comes early and leaves steps to repair the authorized accuracy, 450 steps].
 SA_DEFAULTS: dict[str, Any] = {"setting": "sa", "preserve_mix": 1.0, "target_topk": 2, "select": "val", "score_init": 0.2,
-                               "steps": 450}
+                               "steps": 450, "skip_at_chance": 3.0}
 #: what the ``sf-map`` entry sets [ours, measured per pair in docs/map.md: the feature-preservation
 #: term, unauthorized images moved to the source statistics, a stronger unauthorized term]
 SF_DEFAULTS: dict[str, Any] = {"setting": "sf", "preserve_features": 10.0, "translate_target": 2000, "translate_steps": 25,
-                               "alpha": 0.2}
+                               "alpha": 0.2, "skip_at_chance": 3.0}
 
 METHODS.register("sa-map")(RestrictionMethod("sa-map", MAPConfig, run, dict(SA_DEFAULTS), ("source", "target"),
                                               "MAP with source and unauthorized data"))
