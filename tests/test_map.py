@@ -136,29 +136,33 @@ def test_sf_and_df_map_reduce_unauthorized(source_model, digits):
     assert df["drop_a"] < 10.0
 
 
+def _bn_distance(model, images):
+    """The pseudo-source synthesis' BatchNorm distance of ``images`` to ``model``'s running statistics."""
+    from ipshield.protect.map import _BNStatHook
+
+    hook = _BNStatHook(model)
+    with torch.no_grad():
+        model(images)
+    d = float(hook.pop())
+    hook.remove()
+    return d
+
+
 def test_translate_to_source_moves_images_to_the_source_statistics(source_model, digits):
     """SF's translated pseudo-source: USPS images moved to the MNIST source's BatchNorm statistics
     get closer to them (measured by the same distance) and keep the source's predicted class."""
-    from ipshield.protect.map import MAPConfig, _BNStatHook, protect, translate_to_source
+    from ipshield.protect.map import MAPConfig, protect, translate_to_source
     from ipshield.protect.restrict import train_tensors
 
     x, _ = train_tensors(digits["usps"], 256, 32, 0)
     cfg = MAPConfig(setting="sf", translate_steps=25)
-
-    def bn_distance(images):
-        hook = _BNStatHook(source_model)
-        with torch.no_grad():
-            source_model(images)
-        d = float(hook.pop())
-        hook.remove()
-        return d
 
     with torch.no_grad():
         y0 = source_model(x).argmax(-1)
     xt, yt, info = translate_to_source(source_model, x, cfg)
     assert xt.shape == x.shape and 0.0 <= float(xt.min()) and float(xt.max()) <= 1.0
     assert torch.equal(yt, y0)
-    assert bn_distance(xt) < 0.7 * bn_distance(x)
+    assert _bn_distance(source_model, xt) < 0.7 * _bn_distance(source_model, x)
     with torch.no_grad():
         assert float((source_model(xt).argmax(-1) == yt).float().mean()) > 0.95
     # the confidence guard: with an unreachable threshold nothing is moved, and the run says so
@@ -233,28 +237,30 @@ def test_skip_at_chance_keeps_the_model_when_there_is_nothing_to_remove(source_m
     assert "skipped" not in info and info["sparsity"]["pruned"] > 0
 
 
+def test_cli_says_when_no_mask_was_trained(capsys):
+    from ipshield.cli.protect import _print
+
+    summary = {"acc_a_before": 96.9, "acc_a_after": 96.9, "drop_a": 0.0, "acc_u_before": {"mnistm": 10.1},
+               "acc_u_after": {"mnistm": 10.1}}
+    _print({"method": "sf-map", "authorized": "usps", "summary": summary,
+            "skipped": {"source_acc_u": 10.4, "chance": 10.0, "reason": "..."}})
+    out = capsys.readouterr().out
+    assert "no mask trained" in out and "10.4 %" in out and "skip_at_chance=0" in out
+
+
 def test_stat_neighbours_shift_the_feature_statistics_and_keep_the_class(source_model):
     """DF-MAP's statistics neighbours: pseudo-source batches moved to random shifts of the source
     BatchNorm statistics move away from those statistics, stay recognised as their class, and
-    differ between domains (batches); DF runs with them."""
-    from ipshield.protect.map import (MAPConfig, _BNStatHook, _FeatureTap, synthesize_pseudo_source,
-                                      synthesize_stat_neighbours)
+    differ between domains (batches)."""
+    from ipshield.protect.map import MAPConfig, _FeatureTap, synthesize_pseudo_source, synthesize_stat_neighbours
 
     cfg = MAPConfig(setting="df", gen_steps=80, n_pseudo=256, neighbours="stats", stat_shift=1.5)
     x, y, _ = synthesize_pseudo_source(source_model, 10, cfg)
 
-    def bn_distance(images):
-        hook = _BNStatHook(source_model)
-        with torch.no_grad():
-            source_model(images)
-        d = float(hook.pop())
-        hook.remove()
-        return d
-
     xn, info = synthesize_stat_neighbours(source_model, x, y, cfg)
     assert xn.shape == x.shape and 0.0 <= float(xn.min()) and float(xn.max()) <= 1.0
     assert info["domains"] == 4
-    assert bn_distance(xn[:64]) > 1.5 * bn_distance(x[:64])
+    assert _bn_distance(source_model, xn[:64]) > 1.5 * _bn_distance(source_model, x[:64])
     with torch.no_grad():
         assert float((source_model(xn).argmax(-1) == y).float().mean()) > 0.8
     # each batch is its own domain: two domains differ at the BatchNorm layers far more than two

@@ -31,6 +31,10 @@ def _print(metrics: dict) -> None:
         typer.echo(f"  unauthorized {d}: {s['acc_u_before'][d]:.1f} -> {v:.1f}")
     if "st_d" in s:
         typer.echo(f"  ST-D: {'undefined (no unauthorized drop)' if s['st_d'] is None else format(s['st_d'], '.4f')}")
+    if metrics.get("skipped"):
+        k = metrics["skipped"]
+        typer.echo(f"  no mask trained: the source model is at {k['source_acc_u']:.1f} % on the unauthorized training images "
+                   f"(chance {k['chance']:.1f} %), nothing to remove (set skip_at_chance=0 to mask anyway)")
 
 
 @app.command("train-source")
