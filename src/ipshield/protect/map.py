@@ -409,6 +409,26 @@ def synthesize_pseudo_source(source_model: nn.Module, num_classes: int, config: 
     return x_all, y_all, info
 
 
+def _optimise_pixels(model: nn.Module, hook: _BNStatHook, x: torch.Tensor, y: torch.Tensor, steps: int,
+                     config: MAPConfig) -> tuple[torch.Tensor, float]:
+    """Move a batch in pixel space (Adam at ``translate_lr`` on the pixel logits) to the statistics
+    ``hook`` measures against (the running statistics, or ``hook.targets``), with a cross-entropy
+    to the classes ``y``. Returns the moved images and the last BatchNorm distance."""
+    z = torch.logit(x.clamp(0.02, 0.98)).detach().requires_grad_(True)
+    opt = torch.optim.Adam([z], lr=config.translate_lr)
+    last = float("nan")
+    for _ in range(steps):
+        hook.losses = []
+        logits = model(torch.sigmoid(z))
+        l_bn = hook.pop()
+        loss = config.bn_weight * l_bn + config.ce_weight * F.cross_entropy(logits, y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        last = float(l_bn.detach())
+    return torch.sigmoid(z).detach(), last
+
+
 def translate_to_source(source_model: nn.Module, images: torch.Tensor, config: MAPConfig,
                         batch_size: int = 256) -> tuple[torch.Tensor, torch.Tensor, dict[str, Any]]:
     """Pseudo-source images made from other images (SF: the unauthorized training images): each
@@ -426,18 +446,8 @@ def translate_to_source(source_model: nn.Module, images: torch.Tensor, config: M
             x = images[s:s + batch_size].to(device)
             with torch.no_grad():
                 y = model(x).argmax(-1)
-            z = torch.logit(x.clamp(0.02, 0.98)).detach().requires_grad_(True)
-            opt = torch.optim.Adam([z], lr=config.translate_lr)
-            for _ in range(config.translate_steps):
-                hook.losses = []
-                logits = model(torch.sigmoid(z))
-                l_bn = hook.pop()
-                loss = config.bn_weight * l_bn + config.ce_weight * F.cross_entropy(logits, y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                last = float(l_bn.detach())
-            out.append(torch.sigmoid(z).detach().cpu())
+            moved, last = _optimise_pixels(model, hook, x, y, config.translate_steps, config)
+            out.append(moved.cpu())
             labels.append(y.cpu())
     return torch.cat(out), torch.cat(labels), {"n": len(images), "bn_distance": last, "seconds": round(time.time() - t0, 1)}
 
@@ -466,16 +476,7 @@ def synthesize_stat_neighbours(source_model: nn.Module, images: torch.Tensor, la
                 mean = m.running_mean + config.stat_shift * torch.randn(c, generator=g).to(device) * sd
                 var = m.running_var * torch.exp(config.stat_shift * torch.randn(c, generator=g).to(device))
                 hook.targets[m] = (mean, var)
-            z = torch.logit(x.clamp(0.02, 0.98)).detach().requires_grad_(True)
-            opt = torch.optim.Adam([z], lr=config.translate_lr)
-            for _ in range(config.stat_steps):
-                hook.losses = []
-                logits = model(torch.sigmoid(z))
-                loss = config.bn_weight * hook.pop() + config.ce_weight * F.cross_entropy(logits, y)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-            out.append(torch.sigmoid(z).detach().cpu())
+            out.append(_optimise_pixels(model, hook, x, y, config.stat_steps, config)[0].cpu())
         hook.targets = {}
     return torch.cat(out), {"n": len(images), "domains": -(-len(images) // config.stat_domain_size),
                             "seconds": round(time.time() - t0, 1)}
