@@ -469,15 +469,13 @@ def synthesize_stat_neighbours(source_model: nn.Module, images: torch.Tensor, la
     with _bn_matching(model) as hook:
         for s in progress(range(0, len(images), config.stat_domain_size), desc="neighbour domains (statistics)"):
             x, y = images[s:s + config.stat_domain_size].to(device), labels[s:s + config.stat_domain_size].to(device)
-            hook.targets = {}
-            for m in bns:
+            for m in bns:  # every layer gets a new random target: one neighbour domain per batch
                 c = m.running_mean.shape[0]
                 sd = m.running_var.sqrt()
                 mean = m.running_mean + config.stat_shift * torch.randn(c, generator=g).to(device) * sd
                 var = m.running_var * torch.exp(config.stat_shift * torch.randn(c, generator=g).to(device))
                 hook.targets[m] = (mean, var)
             out.append(_optimise_pixels(model, hook, x, y, config.stat_steps, config)[0].cpu())
-        hook.targets = {}
     return torch.cat(out), {"n": len(images), "domains": -(-len(images) // config.stat_domain_size),
                             "seconds": round(time.time() - t0, 1)}
 
