@@ -148,6 +148,18 @@ def _bn_distance(model, images):
     return d
 
 
+def test_longer_generator_training_gives_a_closer_pseudo_source(source_model):
+    """The pseudo-source generator: more steps bring its images nearer the source model's stored
+    BatchNorm statistics and make the source recognise the requested classes more often (the
+    reason for the 1000-step default; docs/map.md, "DF-MAP: where the gap comes from")."""
+    from ipshield.protect.map import MAPConfig, synthesize_pseudo_source
+
+    short = synthesize_pseudo_source(source_model, 10, MAPConfig(setting="df", gen_steps=30, n_pseudo=256))
+    long = synthesize_pseudo_source(source_model, 10, MAPConfig(setting="df", gen_steps=300, n_pseudo=256))
+    assert _bn_distance(source_model, long[0]) < 0.8 * _bn_distance(source_model, short[0])
+    assert long[2]["source_agreement"] > short[2]["source_agreement"]
+
+
 def test_translate_to_source_moves_images_to_the_source_statistics(source_model, digits):
     """SF's translated pseudo-source: USPS images moved to the MNIST source's BatchNorm statistics
     get closer to them (measured by the same distance) and keep the source's predicted class."""

@@ -46,8 +46,8 @@ class DigitsBenchConfig(BaseConfig):
     #: optimisation steps of every protection (mask steps for MAP, fine-tuning steps for NTL/CUTI);
     #: None = each method's own default (300; SA-MAP 450)
     steps: int | None = None
-    #: pseudo-source generator steps and pool size (SF/DF-MAP)
-    gen_steps: int = 200
+    #: pseudo-source generator steps (None = the method's own, 1000) and pool size (SF/DF-MAP)
+    gen_steps: int | None = None
     n_pseudo: int = 2000
     #: attacks
     attacks: bool = True
@@ -189,7 +189,9 @@ class DigitsBench:
         if c.steps is not None:
             data["steps"] = c.steps
         if method.endswith("map"):
-            data.update({"gen_steps": c.gen_steps, "n_pseudo": c.n_pseudo})
+            data["n_pseudo"] = c.n_pseudo
+            if c.gen_steps is not None:
+                data["gen_steps"] = c.gen_steps
         data.update(c.method_options.get(method, {}))
         return METHODS.get(method).make_config(data)
 
