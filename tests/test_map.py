@@ -155,9 +155,10 @@ def test_longer_generator_training_gives_a_closer_pseudo_source(source_model):
     from ipshield.protect.map import MAPConfig, synthesize_pseudo_source
 
     short = synthesize_pseudo_source(source_model, 10, MAPConfig(setting="df", gen_steps=30, n_pseudo=256))
-    long = synthesize_pseudo_source(source_model, 10, MAPConfig(setting="df", gen_steps=300, n_pseudo=256))
-    assert _bn_distance(source_model, long[0]) < 0.8 * _bn_distance(source_model, short[0])
-    assert long[2]["source_agreement"] > short[2]["source_agreement"]
+    long = synthesize_pseudo_source(source_model, 10, MAPConfig(setting="df", gen_steps=120, n_pseudo=256))
+    # measured (one thread): distance 6.69 -> 2.23, agreement 36.3 -> 97.7 %
+    assert _bn_distance(source_model, long[0]) < 0.6 * _bn_distance(source_model, short[0])
+    assert long[2]["source_agreement"] > short[2]["source_agreement"] + 20.0
 
 
 def test_translate_to_source_moves_images_to_the_source_statistics(source_model, digits):

@@ -125,7 +125,7 @@ class MAPConfig(RestrictionConfig):
     val_tolerance: float = 2.0
     # --- pseudo-source synthesis (sf, df)
     #: generator steps [ours: 1000 measured better than 200 for DF-MAP on the grey-digit sources,
-    #: MNIST -> USPS 24.1 % vs 49.5 % left; see docs/map.md]
+    #: MNIST -> USPS 22.5 % vs 49.5 % left in the full digits benchmark; see docs/map.md]
     gen_steps: int = 1000
     gen_batch_size: int = 64
     gen_lr: float = 1e-3
