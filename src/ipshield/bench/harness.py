@@ -308,6 +308,9 @@ class SuiteContext:
             from ipshield.bench.digits import ALL_METHODS, DigitsBench, DigitsBenchConfig
 
             opts = dict(self.suite.digits)
+            if opts.get("ownership"):
+                raise ConfigError("digits: ownership is not a cell of the suite harness",
+                                  "run `ipshield bench digits --ownership --out DIR` for the ownership table")
             root = opts.pop("root", None) or self.suite.data.get("root")
             methods = [m.runner_name for m in self.suite.methods if m.runner_name in ALL_METHODS]
             method_options = dict(opts.pop("method_options", {}))
@@ -793,8 +796,14 @@ def _attack_dict(a: dict, bench) -> dict:
     return out
 
 
-for _name in ("sa-map", "sf-map", "df-map", "ntl", "cuti"):
-    register_cell(_name)(_digits_cell)
+def _register_digits_cells() -> None:
+    from ipshield.bench.digits import ALL_METHODS
+
+    for name in ALL_METHODS:
+        register_cell(name)(_digits_cell)
+
+
+_register_digits_cells()
 
 
 @register_cell("source")

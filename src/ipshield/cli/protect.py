@@ -31,6 +31,12 @@ def _print(metrics: dict) -> None:
         typer.echo(f"  unauthorized {d}: {s['acc_u_before'][d]:.1f} -> {v:.1f}")
     if "st_d" in s:
         typer.echo(f"  ST-D: {'undefined (no unauthorized drop)' if s['st_d'] is None else format(s['st_d'], '.4f')}")
+    wm = metrics.get("watermark")
+    if wm:
+        cal = wm.get("calibration")
+        typer.echo(f"  ownership watermark: grid, stride {wm['stride']}, opacity {wm['opacity']}"
+                   + (f" (calibrated: the unprotected model keeps {cal['accuracy_by_opacity'][str(wm['opacity'])]:.1f} % of "
+                      f"watermarked training images, {cal['clean_accuracy']:.1f} % clean)" if cal else ""))
     if metrics.get("skipped"):
         k = metrics["skipped"]
         typer.echo(f"  no mask trained: the source model is at {k['source_acc_u']:.1f} % on the unauthorized training images "

@@ -677,7 +677,21 @@ def protect(source_model: nn.Module, config: MAPConfig, authorized: Domain | Non
             raise IPShieldError("SA-MAP needs the authorized (source) training data", "pass the authorized domain, or use setting=sf / df")
         x_src, y_src = train_tensors(authorized, config.n_train, config.image_size, config.seed)
     x_tgt = y_tgt = None
-    if config.setting in ("sa", "sf"):
+    owner_pseudo = config.scenario == "ownership" and config.setting in ("sf", "df")
+    if owner_pseudo:
+        # [ours] ownership without data: the owner's own watermark on the pseudo-source images is
+        # the unauthorized domain (known exactly, so DF needs no synthetic neighbours here)
+        from ipshield.protect.restrict import ownership_watermark
+
+        opacity = config.watermark_opacity
+        if opacity == "auto":  # calibrated on the pseudo-source (run() passes the opacity it evaluates with)
+            from ipshield.protect.restrict import calibrate_watermark_opacity
+
+            opacity, info["watermark_calibration"] = calibrate_watermark_opacity(
+                source_model, x_src[:1000].to(device), y_src[:1000].long(), config.watermark_stride, config.watermark_keep)
+        x_tgt, y_tgt = ownership_watermark(x_src, config.watermark_stride, float(opacity)), y_src.long().clone()
+        info["unauthorized_data"] = "ownership watermark on the pseudo-source"
+    elif config.setting in ("sa", "sf"):
         if not unauthorized:
             raise IPShieldError(f"{config.setting.upper()}-MAP needs unauthorized training data", "name an unauthorized domain, or use setting=df")
         pools = [train_tensors(d, config.n_train, config.image_size, config.seed) for d in unauthorized]
@@ -711,7 +725,7 @@ def protect(source_model: nn.Module, config: MAPConfig, authorized: Domain | Non
         lam = 0.3 + 0.4 * torch.rand(len(xa_val), 1, 1, 1, generator=gv)
         xa_mix = lam * xa_val + (1 - lam) * xa_val[i]
         val = (xa_mix, _probs(source_model, xa_mix, device).argmax(-1), xu_val, yu_val)
-    if config.setting == "sf" and config.translate_target > 0:
+    if config.setting == "sf" and config.translate_target > 0 and not owner_pseudo:
         assert x_tgt is not None  # after the hold-out: only unauthorized *training* images are moved
         conf = _probs(source_model, x_tgt, device).amax(-1)
         pool = x_tgt[conf >= config.translate_min_confidence][:config.translate_target]
@@ -721,10 +735,11 @@ def protect(source_model: nn.Module, config: MAPConfig, authorized: Domain | Non
         else:
             info["translated"] = {"n": 0, "note": "no unauthorized image reached translate_min_confidence"}
     x_stat = None
-    if config.setting == "df" and config.neighbours in ("stats", "both"):
+    if config.setting == "df" and config.neighbours in ("stats", "both") and not owner_pseudo:
         x_stat, info["neighbours"] = synthesize_stat_neighbours(source_model, x_src, y_src.long(), config)
     info["history"] = train_masks(masked, source_model, x_src, x_tgt, config,
-                                  neighbour=config.setting == "df" and config.neighbours != "stats", val=val, x_stat=x_stat)
+                                  neighbour=config.setting == "df" and config.neighbours != "stats" and not owner_pseudo,
+                                  val=val, x_stat=x_stat)
     info["selected"] = next((h["selected_step"] for h in info["history"] if "selected_step" in h), None)
     info["sparsity"] = masked.sparsity()
     return masked, info
@@ -749,6 +764,8 @@ def run(config: MAPConfig, source_model, authorized: Domain, unauthorized: list[
     if not maskable:
         MaskedClassifier(source_model)  # raises the clear error
     unauth, before = prepare_run(config, source_model, authorized, unauthorized)
+    if config.scenario == "ownership":  # train on the watermark the evaluation uses (an "auto" opacity is resolved now)
+        config = config.model_copy(update={"watermark_opacity": unauth[0].meta["opacity"]})
     masked, info = protect(source_model, config, authorized, unauth, pseudo_source)
     protected = masked.export()
     name = f"{config.setting}-map"
@@ -758,7 +775,7 @@ def run(config: MAPConfig, source_model, authorized: Domain, unauthorized: list[
     return finish_run(name, config, source_model, protected, authorized, unauth, out, t0, extra_domains=extra_domains,
                       before=before, sparsity=info["sparsity"], setting=config.setting,
                       pseudo_source=info.get("pseudo_source"), history=info["history"],
-                      **({"skipped": info["skipped"]} if "skipped" in info else {}))
+                      **{k: info[k] for k in ("skipped", "unauthorized_data") if k in info})
 
 
 #: what the ``sa-map`` entry (CLI ``protect map --setting sa``, ``bench digits``) sets on top of the
