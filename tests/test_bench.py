@@ -194,6 +194,7 @@ def test_failed_cell_is_reported_and_retried(tmp_path, stand_ins):
     (SUITE.replace('pairs: ["clean:inverted", "color:texture"]', 'pairs: ["clean:clean"]'), "same domain twice"),
     (SUITE.replace("embedding_map: strong", "embedding_map: nope"), "not a method of the suite"),
     (SUITE.replace("    runner: test-weak\n", "    runner: test-weak\n  - name: weak\n"), "must be unique"),
+    (SUITE + "digits: {ownership: true}\n", "bench digits --ownership"),
 ])
 def test_bad_suite_is_a_clear_error(tmp_path, text, expected):
     with pytest.raises(ConfigError) as e:

@@ -124,6 +124,14 @@ class SuiteConfig(BaseConfig):
             v = [{"name": m} if isinstance(m, str) else m for m in v]
         return v
 
+    @field_validator("digits")
+    @classmethod
+    def _digits(cls, v: dict[str, Any]) -> dict[str, Any]:
+        if v.get("ownership"):
+            raise ValueError("digits: ownership is not a cell of the suite harness; run `ipshield bench digits "
+                             "--ownership --out DIR` for the ownership table")
+        return v
+
     @field_validator("pairs", mode="before")
     @classmethod
     def _pairs(cls, v: Any) -> Any:
@@ -308,9 +316,6 @@ class SuiteContext:
             from ipshield.bench.digits import ALL_METHODS, DigitsBench, DigitsBenchConfig
 
             opts = dict(self.suite.digits)
-            if opts.get("ownership"):
-                raise ConfigError("digits: ownership is not a cell of the suite harness",
-                                  "run `ipshield bench digits --ownership --out DIR` for the ownership table")
             root = opts.pop("root", None) or self.suite.data.get("root")
             methods = [m.runner_name for m in self.suite.methods if m.runner_name in ALL_METHODS]
             method_options = dict(opts.pop("method_options", {}))
