@@ -16,8 +16,9 @@ Output folder::
                                     authorized test images)
 
 DF-MAP and target-free NTL (``ntl-tf``, not in the default methods) never see unauthorized data:
-each is trained once per source domain and evaluated on every unauthorized domain. Sizes ([ours]): source backbones trained from scratch (no pretrained
-weights), balanced subsets of ``n_train`` training and ``n_test`` test images per domain.
+each is trained once per source domain and evaluated on every unauthorized domain. Sizes
+([ours]): source backbones trained from scratch (no pretrained weights), balanced subsets of
+``n_train`` training and ``n_test`` test images per domain.
 """
 
 from __future__ import annotations

@@ -19,7 +19,6 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
 from pydantic import Field, field_validator, model_validator
 
 from ipshield.config import BaseConfig
