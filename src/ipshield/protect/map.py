@@ -54,6 +54,7 @@ from ipshield.protect.restrict import (
     finish_run,
     prepare_run,
     kl_to_reference,
+    tensor_accuracy,
     train_tensors,
 )
 from ipshield.registry import METHODS
@@ -616,8 +617,8 @@ def _mask_steps(masked, source_model, src, tgt, opt, sched, config, neighbour, g
             history.append({"step": step, "kl_src": l_src.item(), "kl_tgt": l_tgt.item()})
         if use_val and ((step + 1) % config.val_every == 0 or step == config.steps - 1):
             masked.eval()
-            acc_a = _val_accuracy(masked, val[0], val[1], device)
-            acc_u = _val_accuracy(masked, val[2], val[3], device)
+            acc_a = tensor_accuracy(masked, val[0], val[1], device)
+            acc_u = tensor_accuracy(masked, val[2], val[3], device)
             masked.train()
             checkpoints.append({"step": step + 1, "acc_a": acc_a, "acc_u": acc_u,
                                 "scores": [sc.detach().clone() for sc in masked.scores]})
@@ -631,12 +632,6 @@ def _mask_steps(masked, source_model, src, tgt, opt, sched, config, neighbour, g
         history.append({"selected_step": best["step"], "val": [{"step": c["step"], "agreement_a": c["acc_a"],
                                                                 "acc_u": c["acc_u"]} for c in checkpoints]})
     return history
-
-
-@torch.no_grad()
-def _val_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device, bs: int = 500) -> float:
-    correct = sum(int((model(x[s:s + bs].to(device)).argmax(-1).cpu() == y[s:s + bs]).sum()) for s in range(0, len(x), bs))
-    return 100.0 * correct / max(1, len(x))
 
 
 def _hold_out(x: torch.Tensor, y: torch.Tensor, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -145,13 +145,9 @@ def calibrate_watermark_opacity(model, x: torch.Tensor, y: torch.Tensor, stride:
     working, so only a protected model's collapse on it is evidence. Returns (opacity, the
     accuracies measured)."""
     model.eval()
-
-    def acc(xx: torch.Tensor) -> float:
-        hits = sum(int((model(xx[i:i + 500]).argmax(-1).cpu() == y[i:i + 500]).sum()) for i in range(0, len(xx), 500))
-        return 100.0 * hits / max(1, len(xx))
-
-    clean = acc(x)
-    table = {str(a): round(acc(ownership_watermark(x, stride, a)), 2) for a in sorted(ladder)}
+    device = next(model.parameters()).device
+    clean = tensor_accuracy(model, x, y, device)
+    table = {str(a): round(tensor_accuracy(model, ownership_watermark(x, stride, a), y, device), 2) for a in sorted(ladder)}
     ok = [a for a in sorted(ladder) if table[str(a)] >= keep * clean]
     chosen = max(ok) if ok else min(ladder)
     return chosen, {"opacity": chosen, "clean_accuracy": round(clean, 2), "accuracy_by_opacity": table, "keep": keep,
@@ -266,6 +262,14 @@ def mmd_multi_kernel(a: torch.Tensor, b: torch.Tensor, n_kernels: int = 5, multi
 
 
 # --------------------------------------------------------------------------------------------- evaluation and run folder
+
+
+@torch.no_grad()
+def tensor_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, device: torch.device | str = "cpu",
+                    bs: int = 500) -> float:
+    """Top-1 accuracy (percent) of ``model`` on labelled image tensors, in batches of ``bs``."""
+    correct = sum(int((model(x[s:s + bs].to(device)).argmax(-1).cpu() == y[s:s + bs]).sum()) for s in range(0, len(x), bs))
+    return 100.0 * correct / max(1, len(x))
 
 
 def evaluate(model, domains: dict[str, Domain], n_test: int | None, seed: int = 0, size: int = 32) -> dict[str, float]:
