@@ -50,10 +50,12 @@ from ipshield.protect.restrict import (
     BatchStream,
     RestrictionConfig,
     RestrictionMethod,
+    calibrate_watermark_opacity,
     evaluate,
     finish_run,
     prepare_run,
     kl_to_reference,
+    ownership_watermark,
     tensor_accuracy,
     train_tensors,
 )
@@ -676,12 +678,8 @@ def protect(source_model: nn.Module, config: MAPConfig, authorized: Domain | Non
     if owner_pseudo:
         # [ours] ownership without data: the owner's own watermark on the pseudo-source images is
         # the unauthorized domain (known exactly, so DF needs no synthetic neighbours here)
-        from ipshield.protect.restrict import ownership_watermark
-
         opacity = config.watermark_opacity
         if opacity == "auto":  # calibrated on the pseudo-source (run() passes the opacity it evaluates with)
-            from ipshield.protect.restrict import calibrate_watermark_opacity
-
             opacity, info["watermark_calibration"] = calibrate_watermark_opacity(
                 source_model, x_src[:1000].to(device), y_src[:1000].long(), config.watermark_stride, config.watermark_keep)
         x_tgt, y_tgt = ownership_watermark(x_src, config.watermark_stride, float(opacity)), y_src.long().clone()
