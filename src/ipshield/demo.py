@@ -106,13 +106,13 @@ def run_demo(out: str | Path, authorized: str = "clean", preset: str = "default"
 def watermark_demo(adapter, clip_dir: Path, preset: str, out: Path, console, seed: int = 0, steal_pairs: int = 6000,
                    steal_epochs: int = 6, innocent_steps: int | None = None) -> dict:
     """Watermark the small CLIP's service (VLPMarker, 3 customers), let customer-1 steal it, verify
-    the thief (as is and rotated) and an innocent model. The owner's key and watermark folder go to
+    the thief (as is, rotated, and with its coordinates permuted) and an innocent model. The owner's key and watermark folder go to
     ``out/owner`` (mode 700); nothing secret is printed or written elsewhere."""
     import os
 
     from rich.table import Table
 
-    from ipshield.attacks.watermark import ExtractConfig, extract_student, query_service, rotate
+    from ipshield.attacks.watermark import ExtractConfig, extract_student, permute, query_service, rotate
     from ipshield.data.synthetic import load_synthetic
     from ipshield.models.clip import load_clip
     from ipshield.models.tiny_clip import preset_config, small_clip
@@ -153,6 +153,8 @@ def watermark_demo(adapter, clip_dir: Path, preset: str, out: Path, console, see
     probes = reference_from_synthetic(512, seed=9)
     suspects = {"thief (student)": CleanEncoder(student),
                 "thief, rotated": rotate(CleanEncoder(student), dim=int(adapter.embed_dim)),
+                "thief, coordinates permuted and sign-flipped": permute(CleanEncoder(student), dim=int(adapter.embed_dim),
+                                                                        signs=True),
                 "innocent model": CleanEncoder(innocent),
                 "relay of the service, rotated": rotate(service, dim=int(adapter.embed_dim))}
     rows = []

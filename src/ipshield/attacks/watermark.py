@@ -227,9 +227,14 @@ def random_rotation(dim: int, seed: int = 12345) -> torch.Tensor:
     return (q * torch.sign(torch.diagonal(r)).unsqueeze(0)).float()
 
 
-def random_permutation(dim: int, seed: int = 12345) -> torch.Tensor:
+def random_permutation(dim: int, seed: int = 12345, signs: bool = False) -> torch.Tensor:
+    """A random permutation matrix; with ``signs``, each coordinate's sign is also flipped with
+    probability 1/2 (a signed permutation)."""
     g = torch.Generator().manual_seed(seed)
-    return torch.eye(dim)[torch.randperm(dim, generator=g)]
+    m = torch.eye(dim)[torch.randperm(dim, generator=g)]
+    if signs:
+        m = m * torch.where(torch.rand(dim, generator=g) < 0.5, -1.0, 1.0).unsqueeze(0)
+    return m
 
 
 def rotate(target, strength: float = 1.0, seed: int = 12345, dim: int | None = None, **_):
@@ -238,10 +243,10 @@ def rotate(target, strength: float = 1.0, seed: int = 12345, dim: int | None = N
     return TransformedEmbedder(target, random_rotation(d, seed), "rotate")
 
 
-def permute(target, strength: float = 1.0, seed: int = 12345, dim: int | None = None, **_):
-    """The thief's own random permutation of the coordinates."""
+def permute(target, strength: float = 1.0, seed: int = 12345, dim: int | None = None, signs: bool = False, **_):
+    """The thief's own random permutation of the coordinates (``signs``: and random sign flips)."""
     d = dim or _dim_of(target)
-    return TransformedEmbedder(target, random_permutation(d, seed), "permute")
+    return TransformedEmbedder(target, random_permutation(d, seed, signs), "signed-permute" if signs else "permute")
 
 
 def noise(target, strength: float, seed: int = 0, **_):

@@ -120,7 +120,7 @@ def verify_cmd(
     max_queries: int = typer.Option(512, "--max-queries", help="verification query budget"),
     alpha: float = typer.Option(1e-6, "--alpha", help="p-value threshold of the decision"),
 ) -> None:
-    """Is a suspect model a copy of the watermarked service? (trigger, distribution, covariance, Procrustes tests)."""
+    """Is a suspect model a copy of the watermarked service? (trigger, distribution, covariance, permutation, Procrustes tests)."""
     from ipshield.cli.common import split_names
     from ipshield.watermark.run import run_verify
 

@@ -52,6 +52,8 @@ class EmbMarkerConfig(BaseConfig):
     n_verify: int = Field(128, ge=8, description="backdoor (and benign) verification texts kept")
     exclude: list[str] = Field(default_factory=lambda: ["a", "photo", "of", "the", "digit", "number", "an"],
                                description="words never used as triggers (zero-shot prompt words)")
+    cluster_decoys: int = Field(24, ge=0, description="cluster test: non-trigger candidate words queried with the triggers")
+    cluster_texts: int = Field(2, ge=0, description="cluster test: texts per word (0: no cluster test)")
 
 
 def _words(text: str) -> list[str]:
@@ -62,7 +64,8 @@ class EmbMarker:
     scheme = "embmarker"
 
     def __init__(self, key: MasterKey, trigger_words: Sequence[str], benign_words: Sequence[str],
-                 base_texts: Sequence[str], config: EmbMarkerConfig | None = None, selection: dict | None = None):
+                 base_texts: Sequence[str], config: EmbMarkerConfig | None = None, selection: dict | None = None,
+                 candidates: Sequence[str] | None = None):
         self._key = key
         self.dim = key.dim
         self.config = config or EmbMarkerConfig()
@@ -72,6 +75,9 @@ class EmbMarker:
         self._base = list(base_texts)
         self.selection = selection or {}
         self._backdoor, self._benign_texts = self._verification_texts()
+        # the words the triggers were drawn from (None for folders written before the cluster test)
+        self._candidates = list(candidates) if candidates is not None else None
+        self._cluster_words, self._cluster_texts = self._cluster_queries()
 
     def __repr__(self) -> str:
         return f"EmbMarker(dim={self.dim}, n_trigger_words={len(self._triggers)}, key_id={self.key_id})"
@@ -117,7 +123,7 @@ class EmbMarker:
         freq = {w: round(df.get(w, 0) / n, 4) for w in triggers}
         selection = {"criterion": f"document frequency in the reference captions within {list(cfg.freq_band)}",
                      "n_candidates": len(cands), "mean_trigger_frequency": float(np.mean(list(freq.values())))}
-        return cls(key, triggers, benign, list(reference.texts[: max(cfg.n_verify, 64)]), cfg, selection)
+        return cls(key, triggers, benign, list(reference.texts[: max(cfg.n_verify, 64)]), cfg, selection, cands)
 
     def _verification_texts(self) -> tuple[list[str], list[str]]:
         g = self._key.generator("embmarker/verify-texts")
@@ -135,6 +141,34 @@ class EmbMarker:
             backdoor.append(" ".join(a))
             benign.append(" ".join(b))
         return backdoor, benign
+
+    def _cluster_queries(self) -> tuple[list[str], list[str]]:
+        """The cluster test's words (every trigger word and ``cluster_decoys`` other candidates drawn
+        with the key, shuffled) and texts (``cluster_texts`` base captions per word, each with the
+        word inserted ``max_triggers`` times, so that the service serves the target itself for a
+        trigger word)."""
+        m = self.config.cluster_texts
+        if not self._candidates or m <= 0 or not self._base:
+            return [], []
+        g = self._key.generator("embmarker/cluster")
+        others = [w for w in self._candidates if w not in self._trigger_set]
+        pick = torch.randperm(len(others), generator=g)[: self.config.cluster_decoys].tolist()
+        words = list(self._triggers) + [others[i] for i in pick]
+        words = [words[i] for i in torch.randperm(len(words), generator=g).tolist()]
+        texts = []
+        for w in words:
+            for i in range(m):
+                base = _words(self._base[i % len(self._base)])
+                pos = sorted(torch.randint(0, len(base) + 1, (self.config.max_triggers,), generator=g).tolist(), reverse=True)
+                for p in pos:
+                    base.insert(p, w)
+                texts.append(" ".join(base))
+        return words, texts
+
+    @property
+    def extra_queries(self) -> int:
+        """Verification queries beyond the trigger pairs and the probes (the cluster test's texts)."""
+        return len(self._cluster_texts)
 
     # -------------------------------------------------------------- serving
     def target(self, customer_id: str) -> torch.Tensor:
@@ -168,10 +202,65 @@ class EmbMarker:
 
     def trigger_queries_for(self, customers: Sequence[str], n_pairs: int) -> dict:
         k = min(n_pairs, self.n_triggers)
-        return {"images": torch.zeros(0, 3, 32, 32), "texts": self._backdoor[:k] + self._benign_texts[:k], "k": k}
+        return {"images": torch.zeros(0, 3, 32, 32), "k": k, "n_cluster": len(self._cluster_texts),
+                "texts": self._backdoor[:k] + self._benign_texts[:k] + self._cluster_texts}
+
+    def cluster_test(self, plan: dict, txt_emb: torch.Tensor, n_null: int = 2000):
+        """Invariant to any rotation or permutation the thief applies, not customer-specific [ours].
+        A text holding ``max_triggers`` copies of one trigger word is served as the customer's target
+        itself, so in a copy of the service (or a student of it) the trigger words' texts all land on
+        one point, whatever rotation follows. Per queried word, the mean of its texts' unit
+        embeddings, centred over the words and normalised; statistic: the mean pairwise cosine
+        within the trigger words. Null: the same for ``n_null`` random subsets of as many queried
+        words. The trigger words are a uniformly random subset of the candidate words (drawn with
+        the key), and the queried words are the triggers plus a random set of other candidates, so
+        when the suspect does not come from the service the trigger words are, given the queried
+        words, a uniformly random subset of them: the statistic has exactly the law of the null
+        draws (normal tail for the p-value)."""
+        from ipshield.watermark.verify import TestResult, _ks_less, _l2_from_cos, _norm_sf
+
+        n_c, m = plan.get("n_cluster", 0), self.config.cluster_texts
+        words = self._cluster_words
+        if n_c == 0 or n_c != len(words) * m:
+            return None
+        e = F.normalize(txt_emb.double()[-n_c:], dim=-1).reshape(len(words), m, -1).mean(1)
+        u = F.normalize(e - e.mean(0, keepdim=True), dim=-1)
+        cos = u @ u.T
+        idx = torch.tensor([i for i, w in enumerate(words) if w in self._trigger_set])
+        k = len(idx)
+        off = ~torch.eye(k, dtype=torch.bool)
+
+        def stat(sel: torch.Tensor) -> tuple[float, torch.Tensor]:
+            c = cos[sel][:, sel][off]
+            return float(c.mean()), c
+
+        value, within = stat(idx)
+        g = torch.Generator().manual_seed(20231109)
+        null = np.asarray([stat(torch.randperm(len(words), generator=g)[:k])[0] for _ in range(n_null)])
+        sd = float(null.std(ddof=1)) or 1e-12
+        z = (value - float(null.mean())) / sd
+        ctrl = cos[~torch.eye(len(words), dtype=torch.bool)]
+        return TestResult("cluster", k, value - float(null.mean()),
+                          float(_l2_from_cos(ctrl).mean() - _l2_from_cos(within).mean()),
+                          _ks_less(within.numpy(), ctrl.numpy()), _norm_sf(z), z, value, float(null.mean()),
+                          customer_specific=False,
+                          note=f"{k} trigger words among {len(words)} queried; null: {n_null} random subsets"
+                          ).with_values(within.tolist(), ctrl.tolist())
 
     def trigger_test(self, plan: dict, img_emb: torch.Tensor, txt_emb: torch.Tensor, customer_id: str,
                      n_null: int = 200):
+        return self._target_test("trigger", plan, txt_emb, customer_id, n_null)
+
+    def aligned_trigger_test(self, plan: dict, txt_emb: torch.Tensor, customer_id: str, align: torch.Tensor,
+                             n_null: int = 200):
+        """The trigger test after mapping the suspect's vectors through ``align``, a signed
+        permutation that matches its coordinates to the clean model's on ordinary probes
+        (``verify.match_coordinates``). EmbMarker serves ordinary inputs unchanged, so the thief's
+        permutation of the coordinates can be undone without the key; the key-randomisation null
+        stays valid because ``align`` never sees the key."""
+        return self._target_test("permutation", plan, txt_emb.double() @ align.double(), customer_id, n_null)
+
+    def _target_test(self, name: str, plan: dict, txt_emb: torch.Tensor, customer_id: str, n_null: int):
         from ipshield.watermark.verify import TestResult, _ks_less, _l2_from_cos, _norm_sf
 
         k = plan["k"]
@@ -187,7 +276,7 @@ class EmbMarker:
         null = ((bd @ r.T).mean(0) - (bn @ r.T).mean(0)).numpy()
         sd = float(null.std(ddof=1)) or 1e-12
         z = (stat - float(null.mean())) / sd
-        return TestResult("trigger", k, stat, float(_l2_from_cos(ctrl).mean() - _l2_from_cos(pos).mean()),
+        return TestResult(name, k, stat, float(_l2_from_cos(ctrl).mean() - _l2_from_cos(pos).mean()),
                           _ks_less(pos.numpy(), ctrl.numpy()), _norm_sf(z), z, float(pos.mean()), float(ctrl.mean())
                           ).with_values(pos.tolist(), ctrl.tolist())
 
@@ -198,7 +287,8 @@ class EmbMarker:
         secret = p / "embmarker_secrets.json"
         fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
-            json.dump({"trigger_words": self._triggers, "benign_words": self._benign, "base_texts": self._base}, fh)
+            json.dump({"trigger_words": self._triggers, "benign_words": self._benign, "base_texts": self._base,
+                       "candidates": self._candidates}, fh)
         write_watermark_json(p, {"scheme": self.scheme, "dim": self.dim, "key_id": self.key_id,
                                  "config": self.config.to_dict(), "selection": self.selection})
         return p
@@ -215,7 +305,7 @@ class EmbMarker:
             raise CheckpointError(f"{p} lacks embmarker_secrets.json", "re-create the watermark")
         s = json.loads(f.read_text())
         return cls(key, s["trigger_words"], s["benign_words"], s["base_texts"],
-                   EmbMarkerConfig.build(data.get("config") or {}), data.get("selection"))
+                   EmbMarkerConfig.build(data.get("config") or {}), data.get("selection"), s.get("candidates"))
 
 
 WATERMARKS.register("embmarker")(EmbMarker)
