@@ -379,6 +379,13 @@ def test_embmarker_verifies_its_own_stolen_copy(setup, teacher_dir, innocent_dir
     for d in innocent_dirs:
         r = verify(em, Suspect.from_embedder(CleanEncoder(load_clip(d))), adapter, setup["probes"], "acme", alpha=1e-2)
         assert r.verdict == "not-detected" and r.tests["cluster"].p_value > 1e-3, r.summary()
+    # the cluster test's queries come out of the budget: a budget they leave too small is refused
+    from ipshield.watermark.verify import BudgetError
+
+    counted = Suspect.from_embedder(CleanEncoder(st))
+    with pytest.raises(BudgetError) as exc:
+        verify(em, counted, adapter, setup["probes"], "acme", max_queries=em.extra_queries + 40)
+    assert counted.queries == 0 and "scheme's own tests" in exc.value.problem
     # a folder written before the cluster test (no candidate words stored) still verifies without it
     old = EmbMarker(key, em._triggers, em._benign, em._base, em.config, em.selection, candidates=None)
     assert old.extra_queries == 0

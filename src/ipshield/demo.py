@@ -20,7 +20,7 @@ from rich.console import Console
 
 def run_demo(out: str | Path, authorized: str = "clean", preset: str = "default", seed: int = 0,
              ipclip_epochs: int = 30, ipclip_lr: float = 0.005, watermark: bool = True, steal_pairs: int = 6000,
-             steal_epochs: int = 6, innocent_steps: int | None = None) -> dict:
+             steal_epochs: int = 12, innocent_steps: int | None = None) -> dict:
     from ipshield.data.preview import preview_grid
     from ipshield.data.synthetic import load_synthetic
     from ipshield.models.clip import load_clip
@@ -104,7 +104,7 @@ def run_demo(out: str | Path, authorized: str = "clean", preset: str = "default"
 
 
 def watermark_demo(adapter, clip_dir: Path, preset: str, out: Path, console, seed: int = 0, steal_pairs: int = 6000,
-                   steal_epochs: int = 6, innocent_steps: int | None = None) -> dict:
+                   steal_epochs: int = 12, innocent_steps: int | None = None) -> dict:
     """Watermark the small CLIP's service (VLPMarker, 3 customers), let customer-1 steal it, verify
     the thief (as is, rotated, and with its coordinates permuted) and an innocent model. The owner's key and watermark folder go to
     ``out/owner`` (mode 700); nothing secret is printed or written elsewhere."""

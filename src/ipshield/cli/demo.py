@@ -45,7 +45,7 @@ def demo(
     seed: int = typer.Option(0, "--seed"),
     watermark: bool = typer.Option(True, "--watermark/--no-watermark", help="also watermark, steal and verify the service"),
     steal_pairs: int = typer.Option(6000, "--steal-pairs", help="public image-caption pairs the thief sends"),
-    steal_epochs: int = typer.Option(6, "--steal-epochs", help="the thief's training epochs"),
+    steal_epochs: int = typer.Option(12, "--steal-epochs", help="the thief's training epochs"),
     innocent_steps: Optional[int] = typer.Option(None, "--innocent-steps", help="pretraining steps of the innocent model (default: half the preset's)"),
 ):
     """The main job on the embedded default: data, small CLIP, zero-shot, CoOp and IP-CLIP, per-domain

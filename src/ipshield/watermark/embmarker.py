@@ -19,6 +19,12 @@ Adaptations [ours]:
   the true target against its distribution under 200 random unit targets, normal tail). There is
   no key-specific distribution test (the transform is the identity outside triggers); the
   Procrustes distribution test is reported as for VLPMarker.
+- permutation test: the trigger test after a key-free match of the suspect's coordinates to the
+  clean model's (``aligned_trigger_test``), which undoes a thief's (signed) permutation.
+- cluster test (``cluster_test``): texts holding 4 copies of one candidate word, for the 20 trigger
+  words and 24 other candidates; in a copy or student of the service the trigger words' texts all
+  land on the target, so they cluster whatever rotation the thief applies. Not customer-specific
+  (every customer shares the trigger words). The candidate words are stored with the secrets.
 """
 
 from __future__ import annotations
@@ -217,7 +223,7 @@ class EmbMarker:
         when the suspect does not come from the service the trigger words are, given the queried
         words, a uniformly random subset of them: the statistic has exactly the law of the null
         draws (normal tail for the p-value)."""
-        from ipshield.watermark.verify import TestResult, _ks_less, _l2_from_cos, _norm_sf
+        from ipshield.watermark.verify import NULL_SEED, TestResult, _ks_less, _l2_from_cos, _norm_sf
 
         n_c, m = plan.get("n_cluster", 0), self.config.cluster_texts
         words = self._cluster_words
@@ -228,6 +234,8 @@ class EmbMarker:
         cos = u @ u.T
         idx = torch.tensor([i for i, w in enumerate(words) if w in self._trigger_set])
         k = len(idx)
+        if k < 2 or k >= len(words):
+            return None
         off = ~torch.eye(k, dtype=torch.bool)
 
         def stat(sel: torch.Tensor) -> tuple[float, torch.Tensor]:
@@ -235,7 +243,7 @@ class EmbMarker:
             return float(c.mean()), c
 
         value, within = stat(idx)
-        g = torch.Generator().manual_seed(20231109)
+        g = torch.Generator().manual_seed(NULL_SEED)
         null = np.asarray([stat(torch.randperm(len(words), generator=g)[:k])[0] for _ in range(n_null)])
         sd = float(null.std(ddof=1)) or 1e-12
         z = (value - float(null.mean())) / sd

@@ -562,7 +562,8 @@ def plan_queries(watermark, max_queries: int, n_probes_available: int, alpha: fl
     if pairs < min_pairs or probes < 16:
         raise BudgetError(
             f"{max_queries} verification queries cannot reach p <= {alpha:g}: the trigger test needs at least "
-            f"{min_pairs} pairs ({2 * min_pairs} queries) and the distribution test at least 16 probes per modality",
+            f"{min_pairs} pairs ({2 * min_pairs} queries) and the distribution test at least 16 probes per modality"
+            + (f", after the {extra} queries of the scheme's own tests" if extra else ""),
             f"allow at least {need} queries (--max-queries), or ask for a weaker confidence (--alpha)",
         )
     return QueryPlan(pairs, probes, extra)
