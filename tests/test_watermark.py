@@ -430,3 +430,30 @@ def test_cli_keygen_apply_calibrate_verify(teacher_dir, innocent_dirs, tmp_path)
     assert v["verdict"] == "not-detected" and v["tests"]["procrustes"]["in_decision"] is True
     text = (tmp_path / "cal" / "metrics.json").read_text() + (wm / "watermark.json").read_text()
     assert json.loads(key.read_text())["secret_hex"] not in text
+
+
+def test_watermark_bench_smoke_resumes(teacher_dir, tmp_path):
+    """``ipshield bench watermark`` end to end at smoke size on the test CLIP: every part, the tables
+    with a column per test, the plots; a second run resumes from ``parts/`` and recomputes nothing."""
+    from ipshield.bench.watermark import WatermarkBenchConfig, run_watermark_bench
+
+    cfg = WatermarkBenchConfig.smoke()
+    logs: list[str] = []
+    res = run_watermark_bench(tmp_path / "wb", cfg, model=teacher_dir, log=logs.append)
+    assert len(logs) == 10  # 5 parts per scheme, each computed once
+    md = (tmp_path / "wb" / "results.md").read_text()
+    for col in ("p trigger", "p distribution", "p covariance", "p permutation", "p cluster", "p procrustes"):
+        assert f"| {col} |" in md
+    for png in ("pvalues.png", "attacks-vlpmarker.png", "attacks-embmarker.png"):
+        assert (tmp_path / "wb" / png).stat().st_size > 5_000
+    assert max(res["utility"][s]["max_abs_change"] for s in ("vlpmarker", "embmarker")) <= 0.5
+    for scheme in ("vlpmarker", "embmarker"):
+        r = res[scheme]
+        assert len(r["innocents"]) == 3 and r["false_positive_rate"] == 0.0, r["innocents"]
+        assert {"rotate", "permute", "signed-permute", "noise", "dim-removal", "prune", "finetune"} <= {
+            a["attack"] for a in r["attacks"]}
+        assert len(r["identification"]["student"]["ranking"]) == cfg.n_customers
+        assert all(row["queries"]["total"] <= cfg.max_queries for row in r["extraction"])
+    again: list[str] = []
+    run_watermark_bench(tmp_path / "wb", cfg, model=teacher_dir, log=again.append)
+    assert again == []
