@@ -110,6 +110,7 @@ def test_demo_end_to_end(small_clip_dir, tmp_path):
     # verified-student claim is tested with a fixed key in tests/test_watermark.py and measured in the
     # benchmark and the default demo (p ~ 1e-74 / 1e-93). Here: the thief is closer than the innocent.
     assert v["thief (student)"]["p_value"] < v["innocent model"]["p_value"], v
+    assert w["scheme"] == "vlpmarker+embmarker" and (out / "owner" / "watermark" / "watermark.json").is_file()
     assert (out / "watermark.md").is_file() and (out / "owner" / "key.json").is_file()
     secret = json.loads((out / "owner" / "key.json").read_text())["secret_hex"]
     assert secret not in (out / "metrics.json").read_text() + (out / "watermark.md").read_text()

@@ -68,6 +68,35 @@ def test_match_coordinates_undoes_a_signed_permutation():
     assert torch.equal(match_coordinates(suspect, x, n_img=100), m.T)
 
 
+def test_service_refuses_a_watermark_it_cannot_apply(tmp_path):
+    """The HTTP service applies a per-customer matrix only: a scheme that also changes texts by
+    their words (embmarker, vlpmarker+embmarker) is refused, not served without that layer."""
+    from ipshield.serve.watermarking import watermark_transform
+    from ipshield.watermark.embmarker import EmbMarker
+
+    key = MasterKey.generate(16)
+    key.save(tmp_path / "key.json")
+    EmbMarker(key, ["red", "blue"], ["green"], ["a red digit", "a blue digit"]).save(tmp_path / "wm")
+    with pytest.raises(IPShieldError) as exc:
+        watermark_transform(str(tmp_path / "key.json"), 16, str(tmp_path / "wm"))
+    assert "not a linear transform" in exc.value.problem and "vlpmarker" in exc.value.fix
+
+
+def test_exact_subset_sum_tail_matches_enumeration():
+    """The cluster test's exact null: the tail of a random k-subset's sum, against brute force."""
+    import itertools
+    import math
+
+    from ipshield.watermark.embmarker import exact_subset_sum_tail
+
+    scores = [0, 3, 3, 7, 1, 9, 4, 4, 2, 8]
+    for k in (1, 3, 5):
+        sums = [sum(c) for c in itertools.combinations(scores, k)]
+        for obs in (0, 5, 12, 20, sum(sorted(scores)[-k:]), 99):
+            want = sum(x >= obs for x in sums) / math.comb(len(scores), k)
+            assert abs(exact_subset_sum_tail(scores, k, obs) - want) < 1e-12
+
+
 def test_trigger_pool_selection_and_storage(tmp_path):
     from ipshield.watermark.triggers import TriggerSet, make_pool, secret_texts, select_ood, vocabulary_words
 
@@ -371,7 +400,8 @@ def test_embmarker_verifies_its_own_stolen_copy(setup, teacher_dir, innocent_dir
     rot_suspect = Suspect.from_embedder(rotate(CleanEncoder(st), dim=int(st.embed_dim)))
     rot = verify(em, rot_suspect, adapter, setup["probes"], "acme", max_queries=512, alpha=1e-2)
     assert rot.tests["trigger"].p_value > 1e-3 and rot.tests["permutation"].p_value > 1e-3, rot.summary()
-    # (measured 6e-6 on the test CLIP; 1e-50 on the benchmark's small CLIP)
+    # (measured on this test CLIP: 5.4e-8, 8.5e-9, 3.8e-9 for student seeds 0, 1, 2; 7.5e-11 on the
+    # benchmark's small CLIP)
     assert rot.tests["cluster"].p_value <= 1e-4 and rot.verdict == "stolen", rot.summary()
     assert rot.queries["total"] <= 512 and rot.queries["texts"] >= em.extra_queries > 0
     who = identify_customer(em, rot_suspect, adapter, setup["probes"], ["north", "acme", "south"], alpha=1e-2)
@@ -430,6 +460,19 @@ def test_cli_keygen_apply_calibrate_verify(teacher_dir, innocent_dirs, tmp_path)
     assert v["verdict"] == "not-detected" and v["tests"]["procrustes"]["in_decision"] is True
     text = (tmp_path / "cal" / "metrics.json").read_text() + (wm / "watermark.json").read_text()
     assert json.loads(key.read_text())["secret_hex"] not in text
+    # the stacked scheme through the same commands (dotted overrides reach each layer's config)
+    wm2 = tmp_path / "wm2"
+    assert main(["watermark", "apply", "--key", str(key), "--model", str(teacher_dir), "--out", str(wm2), "--scheme",
+                 "vlpmarker+embmarker", "--customers", "acme", "--n-reference", "200", "--set", "vlpmarker.n_triggers=32",
+                 "--set", "vlpmarker.pool_factor=2", "--set", "vlpmarker.steps=40", "--set", "embmarker.cluster_texts=1"]) == 0
+    info = json.loads((wm2 / "watermark.json").read_text())
+    assert info["scheme"] == "vlpmarker+embmarker" and info["config"]["vlpmarker"]["n_triggers"] == 32
+    assert main(["verify", "--model", str(innocent_dirs[0]), "--key", str(key), "--watermark", str(wm2),
+                 "--customer", "acme", "--out", str(tmp_path / "v2")]) == 0
+    v = json.loads((tmp_path / "v2" / "metrics.json").read_text())
+    assert v["verdict"] == "not-detected" and {"trigger", "distribution", "permutation", "cluster"} <= set(v["tests"])
+    assert main(["watermark", "apply", "--key", str(key), "--model", str(teacher_dir), "--out", str(tmp_path / "wm3"),
+                 "--scheme", "vlpmarker+embmarker", "--set", "vlpmarker.no_such_key=1"]) == 2
 
 
 def test_watermark_bench_smoke_resumes(teacher_dir, tmp_path):
@@ -440,14 +483,17 @@ def test_watermark_bench_smoke_resumes(teacher_dir, tmp_path):
     cfg = WatermarkBenchConfig.smoke()
     logs: list[str] = []
     res = run_watermark_bench(tmp_path / "wb", cfg, model=teacher_dir, log=logs.append)
-    assert len(logs) == 10  # 5 parts per scheme, each computed once
+    assert len(logs) == 15  # 5 parts per scheme (vlpmarker, embmarker, vlpmarker+embmarker), each computed once
     md = (tmp_path / "wb" / "results.md").read_text()
     for col in ("p trigger", "p distribution", "p covariance", "p permutation", "p cluster", "p procrustes"):
         assert f"| {col} |" in md
-    for png in ("pvalues.png", "attacks-vlpmarker.png", "attacks-embmarker.png"):
+    for png in ("pvalues.png", "attacks-vlpmarker.png", "attacks-embmarker.png", "attacks-vlpmarker-embmarker.png"):
         assert (tmp_path / "wb" / png).stat().st_size > 5_000
-    assert max(res["utility"][s]["max_abs_change"] for s in ("vlpmarker", "embmarker")) <= 0.5
-    for scheme in ("vlpmarker", "embmarker"):
+    schemes = ("vlpmarker", "embmarker", "vlpmarker+embmarker")
+    assert max(res["utility"][s]["max_abs_change"] for s in schemes) <= 0.5
+    sim = res["utility"]["vlpmarker+embmarker"]["similarity"]["customer-0"]
+    assert 0 < sim["mean_abs_cos_change"] < 0.2 and 0 <= sim["top1_image_to_caption"] <= 100
+    for scheme in schemes:
         r = res[scheme]
         assert len(r["innocents"]) == 3 and r["false_positive_rate"] == 0.0, r["innocents"]
         assert {"rotate", "permute", "signed-permute", "noise", "dim-removal", "prune", "finetune"} <= {
@@ -457,3 +503,60 @@ def test_watermark_bench_smoke_resumes(teacher_dir, tmp_path):
     again: list[str] = []
     run_watermark_bench(tmp_path / "wb", cfg, model=teacher_dir, log=again.append)
     assert again == []
+
+
+def test_stacked_scheme_catches_a_rotated_student(setup, teacher_dir, innocent_dirs, tmp_path):
+    """VLPMarker over an EmbMarker text layer: zero-shot unchanged, both layers served as specified,
+    the student verified and named, and its rotation (which VLPMarker alone misses) caught by the
+    cluster test; innocents not flagged; save/load round trip."""
+    from ipshield.attacks.watermark import ExtractConfig, extract_student, permute, rotate
+    from ipshield.data.synthetic import load_synthetic
+    from ipshield.models.clip import load_clip
+    from ipshield.registry import WATERMARKS
+    from ipshield.watermark.base import CleanEncoder, load_watermark, reference_from_synthetic, zero_shot_accuracy
+    from ipshield.watermark.stacked import StackedConfig, StackedMarker
+    from ipshield.watermark.verify import Suspect, verify
+
+    zs = _zero_shot_mean(teacher_dir)
+    if zs < 25:
+        pytest.skip(f"the test small CLIP is at chance level (zero-shot mean {zs:.1f}%): nothing worth stealing")
+    adapter, key, probes = setup["adapter"], setup["key"], setup["probes"]
+    assert WATERMARKS.get("vlpmarker+embmarker") is StackedMarker
+    sm = StackedMarker.fit(adapter, key, reference_from_synthetic(400, seed=1), StackedConfig(vlpmarker=setup["cfg"]))
+    service, vlp_only = sm.encoder(adapter, "acme"), sm.vlp.encoder(adapter, "acme")
+    x, prompts = probes.images[:4], ["a photo of the digit 3", "a photo of the digit 7"]
+    assert torch.allclose(service.embed_images(x), vlp_only.embed_images(x), atol=1e-5)
+    assert torch.allclose(service.embed_texts(prompts), vlp_only.embed_texts(prompts), atol=1e-5)
+    # a text with enough trigger words is served as the target, then transformed: normalise(t W_k)
+    t_w = F.normalize(sm.emb.target("acme") @ sm.matrix("acme").float(), dim=-1)
+    assert torch.allclose(service.embed_texts(sm.emb._backdoor[:3]), t_w.expand(3, -1), atol=1e-5)
+    doms = load_synthetic(n_train=50, n_test=100, seed=0)
+    before, after = zero_shot_accuracy(CleanEncoder(adapter), doms), zero_shot_accuracy(service, doms)
+    assert max(abs(after[d] - before[d]) for d in before) <= 0.5
+    sm.save(tmp_path / "wm")
+    back = load_watermark(tmp_path / "wm", key)
+    assert isinstance(back, StackedMarker) and torch.equal(back.matrix("acme"), sm.matrix("acme"))
+
+    public = reference_from_synthetic(3000, seed=5, split="train")
+    st, _ = extract_student(service, public, teacher_dir, ExtractConfig(n_queries=3000, epochs=20))
+    dim = int(st.embed_dim)
+
+    def check(emb, **kw):
+        return verify(sm, Suspect.from_embedder(emb), adapter, probes, "acme", max_queries=512, alpha=1e-3, **kw)
+
+    plain = check(CleanEncoder(st))
+    assert plain.verdict == "stolen" and plain.tests["distribution"].p_value <= 1e-3, plain.summary()
+    assert plain.queries["total"] <= 512 and "cluster" in plain.tests
+    rot = check(rotate(CleanEncoder(st), dim=dim))
+    assert rot.tests["distribution"].p_value > 1e-2 and rot.tests["permutation"].p_value > 1e-3, rot.summary()
+    # (the rotated student's cluster p on this test CLIP: 2.4e-6, 2.3e-9, 1.4e-8 for student seeds
+    # 0, 1, 2, measured; 1.0e-10 on the benchmark's small CLIP)
+    assert rot.tests["cluster"].p_value <= 1e-4 and rot.verdict == "stolen", rot.summary()
+    perm = check(permute(CleanEncoder(st), dim=dim, signs=True))
+    assert perm.tests["permutation"].p_value <= 1e-3 and perm.verdict == "stolen", perm.summary()
+    for d in innocent_dirs:
+        r = check(CleanEncoder(load_clip(d)))
+        assert r.verdict == "not-detected" and r.tests["cluster"].p_value > 1e-3, r.summary()
+    # a rotated relay: the covariance test works on the probe captions the text layer leaves alone
+    relay = check(rotate(service, dim=dim))
+    assert relay.tests["covariance"].p_value <= 1e-6 and relay.verdict == "stolen", relay.summary()

@@ -105,8 +105,9 @@ def run_demo(out: str | Path, authorized: str = "clean", preset: str = "default"
 
 def watermark_demo(adapter, clip_dir: Path, preset: str, out: Path, console, seed: int = 0, steal_pairs: int = 6000,
                    steal_epochs: int = 12, innocent_steps: int | None = None) -> dict:
-    """Watermark the small CLIP's service (VLPMarker, 3 customers), let customer-1 steal it, verify
-    the thief (as is, rotated, and with its coordinates permuted) and an innocent model. The owner's key and watermark folder go to
+    """Watermark the small CLIP's service (VLPMarker over an EmbMarker text layer, 3 customers), let
+    customer-1 steal it, verify the thief (as is, rotated, and with its coordinates permuted), a
+    rotated relay of the service and an innocent model. The owner's key and watermark folder go to
     ``out/owner`` (mode 700); nothing secret is printed or written elsewhere."""
     import os
 
@@ -118,8 +119,8 @@ def watermark_demo(adapter, clip_dir: Path, preset: str, out: Path, console, see
     from ipshield.models.tiny_clip import preset_config, small_clip
     from ipshield.watermark.base import CleanEncoder, reference_from_synthetic, zero_shot_accuracy
     from ipshield.watermark.keys import MasterKey
+    from ipshield.watermark.stacked import StackedMarker
     from ipshield.watermark.verify import Suspect, identify_customer, verify
-    from ipshield.watermark.vlpmarker import VLPMarker, VLPMarkerConfig
 
     customers, thief = ["customer-0", "customer-1", "customer-2"], "customer-1"
     owner = out / "owner"
@@ -127,15 +128,15 @@ def watermark_demo(adapter, clip_dir: Path, preset: str, out: Path, console, see
     os.chmod(owner, 0o700)
     key = MasterKey.generate(int(adapter.embed_dim))
     key.save(owner / "key.json")
-    wm = VLPMarker.fit(adapter, key, reference_from_synthetic(600, seed=1), VLPMarkerConfig())
-    wm.save(owner / "vlpmarker")
+    wm = StackedMarker.fit(adapter, key, reference_from_synthetic(600, seed=1))
+    wm.save(owner / "watermark")
     service = wm.encoder(adapter, thief)
     doms = load_synthetic(n_train=200, n_test=300, seed=seed)
     zs_clean = zero_shot_accuracy(CleanEncoder(adapter), doms)
     zs_served = zero_shot_accuracy(service, doms)
     change = max(abs(zs_served[d] - zs_clean[d]) for d in zs_clean)
-    console.print(f"[bold]watermark[/]: VLPMarker for {len(customers)} customers; zero-shot change under the "
-                  f"watermark: max {change:.2f} points")
+    console.print(f"[bold]watermark[/]: VLPMarker over an EmbMarker text layer for {len(customers)} customers; "
+                  f"zero-shot change under the watermark: max {change:.2f} points")
 
     public = reference_from_synthetic(steal_pairs, seed=5, split="train")
     targets = query_service(service, public, steal_pairs)
@@ -177,7 +178,7 @@ def watermark_demo(adapter, clip_dir: Path, preset: str, out: Path, console, see
     lines = ["| suspect | verdict | p-value | strongest test | queries |", "|---|---|---|---|---|"]
     lines += [f"| {r['suspect']} | {r['verdict']} | {r['p_value']:.2g} | {r['strongest_test']} | {r['queries']} |" for r in rows]
     (out / "watermark.md").write_text("\n".join(lines) + "\n")
-    return {"scheme": "vlpmarker", "customers": customers, "thief": thief, "zero_shot_clean": zs_clean,
+    return {"scheme": wm.scheme, "customers": customers, "thief": thief, "zero_shot_clean": zs_clean,
             "zero_shot_served": zs_served, "max_abs_zero_shot_change": change, "student_zero_shot": zs_student,
             "student_queries": info["queries"], "innocent_steps": steps, "verification": rows,
             "identified": top, "identified_verdict": who.verdict, "identified_p": who.p_value}

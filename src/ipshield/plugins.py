@@ -16,6 +16,7 @@ _MODULES = [
     "ipshield.protect.cuti",
     "ipshield.watermark.vlpmarker",
     "ipshield.watermark.embmarker",
+    "ipshield.watermark.stacked",
     "ipshield.attacks.domain",
     "ipshield.attacks.watermark",
 ]

@@ -63,7 +63,7 @@ METHODS: Registry[Any] = Registry("protection method")
 DATASETS: Registry[Any] = Registry("dataset")
 #: attacks on protections and watermarks
 ATTACKS: Registry[Any] = Registry("attack")
-#: embedding watermarks: vlpmarker, embmarker
+#: embedding watermarks: vlpmarker, embmarker, vlpmarker+embmarker
 WATERMARKS: Registry[Any] = Registry("watermark")
 #: classifier architectures
 CLASSIFIERS: Registry[Any] = Registry("classifier")

@@ -56,7 +56,7 @@ class WatermarkBenchConfig(BaseConfig):
     prune_levels: list[float] = [0.1, 0.3, 0.5, 0.7, 0.8]
     finetune_steps: list[int] = [30, 100]
     n_eval_test: int = 300
-    schemes: list[str] = ["vlpmarker", "embmarker"]
+    schemes: list[str] = ["vlpmarker", "embmarker", "vlpmarker+embmarker"]
     vlpmarker_overrides: list[str] = []
 
     @classmethod
@@ -77,6 +77,22 @@ def teacher_path(config: WatermarkBenchConfig) -> Path:
     if not (d / "model.safetensors").is_file() or not (d / "pretrain.json").is_file():
         pretrain(preset_config("default", [f"steps={config.teacher_steps}"]), d, show_progress=False)
     return d
+
+
+#: the schemes the benchmark knows, in table order
+SCHEMES = ("vlpmarker", "embmarker", "vlpmarker+embmarker")
+
+
+def _file_name(scheme: str) -> str:
+    return scheme.replace("+", "-")
+
+
+def _identification_budget(wm, max_queries: int) -> int:
+    """Identification sends every trigger pair of a VLPMarker layer (each customer's pairs must
+    fall among the queried ones), plus the scheme's own extra queries."""
+    if getattr(wm, "signature_template", None) is None:
+        return max_queries
+    return 4 * wm.n_triggers + int(getattr(wm, "extra_queries", 0) or 0)
 
 
 #: the tests in the tables' p-value columns (``-``: the test does not apply to the scheme)
@@ -187,8 +203,11 @@ class WatermarkBench:
             key.save(kp)
         wms = {}
         ref = reference_from_synthetic(600, seed=1)
-        for scheme, cls, cfg in (("vlpmarker", VLPMarker, VLPMarkerConfig.build({}, self.cfg.vlpmarker_overrides)),
-                                 ("embmarker", EmbMarker, EmbMarkerConfig())):
+        from ipshield.watermark.stacked import StackedConfig, StackedMarker
+
+        vcfg = VLPMarkerConfig.build({}, self.cfg.vlpmarker_overrides)
+        for scheme, cls, cfg in (("vlpmarker", VLPMarker, vcfg), ("embmarker", EmbMarker, EmbMarkerConfig()),
+                                 ("vlpmarker+embmarker", StackedMarker, StackedConfig(vlpmarker=vcfg))):
             if scheme not in self.cfg.schemes:
                 continue
             folder = od / scheme
@@ -220,14 +239,34 @@ class WatermarkBench:
         before = self.zs(self.clean())
         after = {c: self.zs(wm.encoder(self.adapter, c)) for c in self.customers}
         res: dict[str, Any] = {"before": before, "after": after,
-                               "max_abs_change": max(abs(a[d] - before[d]) for a in after.values() for d in before)}
-        if scheme == "vlpmarker":
+                               "max_abs_change": max(abs(a[d] - before[d]) for a in after.values() for d in before),
+                               "similarity": {c: self.similarity_change(wm.encoder(self.adapter, c)) for c in self.customers}}
+        if hasattr(wm, "refinement_report"):
             res["refinement"] = {c: wm.refinement_report(c)["final"] for c in self.customers}
             res["clean_trigger_gap"] = wm.refinement_report(self.customers[0])["clean_trigger_gap"]
             res["selection"] = wm.selection
         else:
             res["selection"] = wm.selection
         return res
+
+    def similarity_change(self, served) -> dict[str, float]:
+        """How the service's image-caption similarities move under the watermark, end to end, on 600
+        held-out synthetic pairs (not the probes): mean |cosine change| and top-1 retrieval
+        agreement with the clean model, image -> caption and caption -> image (%)."""
+        from ipshield.watermark.base import reference_from_synthetic
+
+        if "similarity_ref" not in self._cache:
+            ref = reference_from_synthetic(600, seed=11)
+            clean = self.clean()
+            self._cache["similarity_ref"] = (ref, clean.embed_images(ref.images) @ clean.embed_texts(ref.texts).T)
+        ref, base = self._cache["similarity_ref"]
+        sim = served.embed_images(ref.images) @ served.embed_texts(ref.texts).T
+
+        def agree(dim: int) -> float:
+            return float((sim.argmax(dim) == base.argmax(dim)).double().mean() * 100)
+
+        return {"mean_abs_cos_change": float((sim - base).abs().mean()), "top1_image_to_caption": agree(1),
+                "top1_caption_to_image": agree(0), "n_pairs": int(len(ref.texts))}
 
     def student_dir(self, scheme: str, budget: int) -> Path:
         return self.out / "students" / f"{scheme}-{budget}"
@@ -339,7 +378,7 @@ class WatermarkBench:
         out = {}
         for name, emb in (("student", CleanEncoder(st)),):
             rep = identify_customer(wms[scheme], Suspect.from_embedder(emb, name=name), self.clean(), self.probes,
-                                    self.customers, max_queries=4 * wms[scheme].n_triggers if scheme == "vlpmarker" else self.cfg.max_queries,
+                                    self.customers, max_queries=_identification_budget(wms[scheme], self.cfg.max_queries),
                                     alpha=self.cfg.alpha)
             out[name] = {"true": self.cfg.thief_customer, "identified": rep.customer_id, "verdict": rep.verdict,
                          "p_value": rep.p_value, "ranking": rep.ranking, "queries": rep.queries}
@@ -391,9 +430,7 @@ class WatermarkBench:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        for scheme in ("vlpmarker", "embmarker"):
-            if scheme not in res:
-                continue
+        for scheme in (s for s in SCHEMES if s in res):
             rows = res[scheme]["attacks"]
             base_acc = next((r["zero_shot_mean"] for r in rows if r["attack"] == "none"), None)
             kinds = [k for k in ("noise", "dim-removal", "prune") if any(r["attack"] == k for r in rows)]
@@ -414,11 +451,11 @@ class WatermarkBench:
                 ax2.set_ylabel("thief zero-shot %", color="C1")
                 ax.set_title(f"{scheme}: {kind}", fontsize=9)
             fig.tight_layout()
-            fig.savefig(self.out / f"attacks-{scheme}.png", dpi=110)
+            fig.savefig(self.out / f"attacks-{_file_name(scheme)}.png", dpi=110)
             plt.close(fig)
         # p-value distribution: innocents vs students
         fig, ax = plt.subplots(figsize=(5.5, 3.4))
-        for i, scheme in enumerate(s for s in ("vlpmarker", "embmarker") if s in res):
+        for i, scheme in enumerate(s for s in SCHEMES if s in res):
             inn = [max(r["p_value"], 1e-300) for r in res[scheme]["innocents"] if r["p_value"] is not None]
             stu = [max(r["p_value"], 1e-300) for r in res[scheme]["extraction"] if r["p_value"] is not None]
             ax.scatter(-np.log10(inn), [i + 0.1] * len(inn), marker="o", label=f"{scheme} innocent")
@@ -455,6 +492,12 @@ def results_markdown(res: dict) -> str:
             lines.append(f"| served to {c} | " + " | ".join(f"{acc[d]:.1f}" for d in doms) + " |")
         lines.append("")
         lines.append(f"max |change| over all customers and domains: {u['max_abs_change']:.2f} points")
+        if "similarity" in u:
+            sims = list(u["similarity"].values())
+            lines.append(f"image-caption similarities on {sims[0]['n_pairs']} held-out pairs (mean over customers): "
+                         f"|cos change| {np.mean([x['mean_abs_cos_change'] for x in sims]):.4f}, top-1 agreement with the "
+                         f"clean model {np.mean([x['top1_image_to_caption'] for x in sims]):.1f} % image -> caption, "
+                         f"{np.mean([x['top1_caption_to_image'] for x in sims]):.1f} % caption -> image")
         if "refinement" in u:
             ref = list(u["refinement"].values())
             lines.append(f"refinement (mean over customers): orthogonality error {np.mean([r['orthogonality_error'] for r in ref]):.3f}, "
@@ -462,9 +505,7 @@ def results_markdown(res: dict) -> str:
                          f"clean {u['clean_trigger_gap']:.4f}), reference image-caption |cos change| "
                          f"{np.mean([r.get('utility_mean_abs_cos_change', float('nan')) for r in ref]):.4f}")
         lines.append("")
-    for scheme in ("vlpmarker", "embmarker"):
-        if scheme not in res:
-            continue
+    for scheme in (s for s in SCHEMES if s in res):
         r = res[scheme]
         lines += ["", f"## {scheme}", "", "### Extraction (students), verification with at most "
                   f"{res['config']['max_queries']} queries", "",

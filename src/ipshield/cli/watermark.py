@@ -50,7 +50,7 @@ def apply_cmd(
     out: Path = typer.Option(..., "--out", help="watermark folder to write (holds secrets: keep it private)"),
     key: Path = KeyOpt,
     model: Optional[Path] = typer.Option(None, "--model", help="the service's CLIP folder (default: the small CLIP)"),
-    scheme: str = typer.Option("vlpmarker", "--scheme", help="vlpmarker or embmarker"),
+    scheme: str = typer.Option("vlpmarker", "--scheme", help="vlpmarker, embmarker, or vlpmarker+embmarker (both layers)"),
     customers: str = typer.Option("customer-0", "--customers", help="comma-separated customer ids to report on"),
     n_reference: int = typer.Option(600, "--n-reference", help="reference sample of normal inputs (trigger selection)"),
     overrides: Optional[list[str]] = SetOpt,

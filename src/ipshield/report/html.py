@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from ipshield.bench.watermark import SCHEMES as WM_SCHEMES
 from ipshield.errors import IPShieldError
 
 AUTH_COLOR = "#1f77b4"
@@ -122,7 +123,7 @@ def _read_json(p: Path) -> Any:
 def load_watermark(folder: str | Path) -> dict:
     p = Path(folder) / "metrics.json"
     m = _read_json(p)
-    if not m or not any(s in m for s in ("vlpmarker", "embmarker")):
+    if not m or not any(s in m for s in WM_SCHEMES):
         raise IPShieldError(f"{folder} is not a finished `ipshield bench watermark` folder (no metrics.json with results)",
                             "give the --out folder of `ipshield bench watermark` after it finished")
     return m
@@ -263,7 +264,7 @@ WM_LABELS = {"noise": "Gaussian noise (norm)", "dim-removal": "dimension removal
 def plot_watermark(wm: dict) -> str:
     """-log10 p (combined) and the thief's zero-shot accuracy against attack strength, per scheme."""
     plt = _plt()
-    schemes = [s for s in ("vlpmarker", "embmarker") if s in wm]
+    schemes = [s for s in WM_SCHEMES if s in wm]
     kinds = []
     for s in schemes:
         for r in wm[s].get("attacks", []):
@@ -441,7 +442,7 @@ def _attack_table(attacks: list[dict]) -> str:
 
 def _watermark_table(wm: dict) -> str:
     rows = []
-    for s in ("vlpmarker", "embmarker"):
+    for s in WM_SCHEMES:
         if s not in wm:
             continue
         r = wm[s]

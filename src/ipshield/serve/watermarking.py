@@ -30,7 +30,9 @@ def watermark_transform(key_file: str | None, dim: int, watermark_dir: str | Non
         from ipshield.watermark.base import load_watermark
 
         wm = load_watermark(watermark_dir, key)
-        if not hasattr(wm, "matrix"):
+        if getattr(wm, "scheme", None) != "vlpmarker":
+            # embmarker and vlpmarker+embmarker also change texts by their words, which this
+            # matrix-only service does not do: serving them here would silently drop that layer
             raise IPShieldError(f"the watermark in {watermark_dir} is not a linear transform (scheme {getattr(wm, 'scheme', '?')})",
                                 "serve a VLPMarker watermark folder (`ipshield watermark apply --scheme vlpmarker`)")
 

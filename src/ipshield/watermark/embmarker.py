@@ -30,6 +30,7 @@ Adaptations [ours]:
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections import Counter
@@ -64,6 +65,24 @@ class EmbMarkerConfig(BaseConfig):
 
 def _words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
+
+
+def exact_subset_sum_tail(scores: Sequence[int], k: int, observed: int) -> float:
+    """P(sum of a uniformly random k-subset of the non-negative integer ``scores`` >= ``observed``),
+    exactly: the number of k-subsets reaching it (a knapsack-style count) over C(n, k)."""
+    top = int(sum(sorted(scores)[-k:])) if k else 0
+    if observed > top:
+        return 0.0
+    count = np.zeros((k + 1, top + 1))
+    count[0, 0] = 1.0
+    for v in scores:
+        v = int(v)
+        if v > top:
+            continue
+        for j in range(k, 0, -1):
+            count[j, v:] += count[j - 1, : top + 1 - v]
+    total = count[k].sum()
+    return float(count[k, max(observed, 0):].sum() / total) if total > 0 else 1.0
 
 
 class EmbMarker:
@@ -184,6 +203,10 @@ class EmbMarker:
     def trigger_counts(self, texts: Sequence[str]) -> torch.Tensor:
         return torch.tensor([sum(1 for w in _words(t) if w in self._trigger_set) for t in texts], dtype=torch.float32)
 
+    def plain_text(self, text: str) -> bool:
+        """True when the service serves ``text`` unchanged (it holds no trigger word)."""
+        return not any(w in self._trigger_set for w in _words(text))
+
     def postprocessors(self, customer_id: str):
         t = self.target(customer_id)
         k = float(self.config.max_triggers)
@@ -211,19 +234,22 @@ class EmbMarker:
         return {"images": torch.zeros(0, 3, 32, 32), "k": k, "n_cluster": len(self._cluster_texts),
                 "texts": self._backdoor[:k] + self._benign_texts[:k] + self._cluster_texts}
 
-    def cluster_test(self, plan: dict, txt_emb: torch.Tensor, n_null: int = 2000):
-        """Invariant to any rotation or permutation the thief applies, not customer-specific [ours].
-        A text holding ``max_triggers`` copies of one trigger word is served as the customer's target
-        itself, so in a copy of the service (or a student of it) the trigger words' texts all land on
-        one point, whatever rotation follows. Per queried word, the mean of its texts' unit
-        embeddings, centred over the words and normalised; statistic: the mean pairwise cosine
-        within the trigger words. Null: the same for ``n_null`` random subsets of as many queried
-        words. The trigger words are a uniformly random subset of the candidate words (drawn with
-        the key), and the queried words are the triggers plus a random set of other candidates, so
-        when the suspect does not come from the service the trigger words are, given the queried
-        words, a uniformly random subset of them: the statistic has exactly the law of the null
-        draws (normal tail for the p-value)."""
-        from ipshield.watermark.verify import NULL_SEED, TestResult, _ks_less, _l2_from_cos, _norm_sf
+    def cluster_test(self, plan: dict, txt_emb: torch.Tensor):
+        """Invariant to any rotation or permutation the thief applies, not customer-specific, with an
+        exact null [ours]. A text holding ``max_triggers`` copies of one trigger word is served as the
+        customer's target itself, so in a copy of the service (or a student of it) the trigger words'
+        texts share one displacement, whatever rotation follows. Per queried word, the mean of its
+        texts' unit embeddings, centred over the words and normalised (``u_w``); ``v`` is the first
+        principal direction of the ``u_w`` (found without knowing which words are triggers); score
+        ``a_w = <u_w, v>``, rounded to 1/200. Statistic: the sum of the trigger words' scores. The
+        trigger words are a uniformly random subset of the candidate words (drawn with the key) and
+        the other queried words a random set of the rest, so for a suspect not derived from the
+        service the trigger words are, given the queried words, a uniformly random subset of them,
+        while the scores depend on the suspect and the queried words only: the p-value is the exact
+        two-sided tail of the sum over all such subsets (``exact_subset_sum_tail``), no
+        approximation. (A first version compared the mean pairwise cosine with a normal tail; that
+        null is skewed and the tail was anti-conservative.)"""
+        from ipshield.watermark.verify import TestResult, _ks_less, _l2_from_cos
 
         n_c, m = plan.get("n_cluster", 0), self.config.cluster_texts
         words = self._cluster_words
@@ -231,29 +257,30 @@ class EmbMarker:
             return None
         e = F.normalize(txt_emb.double()[-n_c:], dim=-1).reshape(len(words), m, -1).mean(1)
         u = F.normalize(e - e.mean(0, keepdim=True), dim=-1)
-        cos = u @ u.T
-        idx = torch.tensor([i for i, w in enumerate(words) if w in self._trigger_set])
-        k = len(idx)
-        if k < 2 or k >= len(words):
+        _, _, vt = torch.linalg.svd(u - u.mean(0, keepdim=True), full_matrices=False)
+        a = u @ vt[0]
+        trig = torch.tensor([w in self._trigger_set for w in words])
+        k, n = int(trig.sum()), len(words)
+        if k < 1 or k >= n:
             return None
-        off = ~torch.eye(k, dtype=torch.bool)
-
-        def stat(sel: torch.Tensor) -> tuple[float, torch.Tensor]:
-            c = cos[sel][:, sel][off]
-            return float(c.mean()), c
-
-        value, within = stat(idx)
-        g = torch.Generator().manual_seed(NULL_SEED)
-        null = np.asarray([stat(torch.randperm(len(words), generator=g)[:k])[0] for _ in range(n_null)])
-        sd = float(null.std(ddof=1)) or 1e-12
-        z = (value - float(null.mean())) / sd
-        ctrl = cos[~torch.eye(len(words), dtype=torch.bool)]
-        return TestResult("cluster", k, value - float(null.mean()),
-                          float(_l2_from_cos(ctrl).mean() - _l2_from_cos(within).mean()),
-                          _ks_less(within.numpy(), ctrl.numpy()), _norm_sf(z), z, value, float(null.mean()),
+        scores = torch.round((a - a.min()) * 200).long().tolist()
+        obs = sum(sc for sc, t in zip(scores, trig.tolist()) if t)
+        top = max(scores)
+        p_up = exact_subset_sum_tail(scores, k, obs)
+        p_down = exact_subset_sum_tail([top - sc for sc in scores], k, k * top - obs)
+        p = min(1.0, 2 * min(p_up, p_down))
+        sign = 1.0 if p_up <= p_down else -1.0
+        sa = sign * a
+        pos, ctrl = sa[trig], sa[~trig]
+        sv = torch.tensor(scores, dtype=torch.float64)
+        mean, var = k * float(sv.mean()), k * float(sv.var(unbiased=False)) * (n - k) / max(n - 1, 1)
+        z = sign * (obs - mean) / max(var, 1e-12) ** 0.5
+        return TestResult("cluster", k, float(pos.mean() - ctrl.mean()),
+                          float(_l2_from_cos(ctrl).mean() - _l2_from_cos(pos).mean()),
+                          _ks_less(pos.numpy(), ctrl.numpy()), p, z, float(pos.mean()), float(ctrl.mean()),
                           customer_specific=False,
-                          note=f"{k} trigger words among {len(words)} queried; null: {n_null} random subsets"
-                          ).with_values(within.tolist(), ctrl.tolist())
+                          note=f"{k} trigger words among {n} queried; exact subset null (smallest possible p "
+                               f"{2 / math.comb(n, k):.1e})").with_values(pos.tolist(), ctrl.tolist())
 
     def trigger_test(self, plan: dict, img_emb: torch.Tensor, txt_emb: torch.Tensor, customer_id: str,
                      n_null: int = 200):

@@ -20,6 +20,10 @@ def _fit_config(scheme: str, overrides: list[str] | None):
         from ipshield.watermark.vlpmarker import VLPMarkerConfig
 
         return VLPMarkerConfig.build({}, overrides)
+    if scheme == "vlpmarker+embmarker":
+        from ipshield.watermark.stacked import StackedConfig
+
+        return StackedConfig.build({}, overrides)  # dotted keys: vlpmarker.steps=100, embmarker.cluster_texts=4
     from ipshield.watermark.embmarker import EmbMarkerConfig
 
     return EmbMarkerConfig.build({}, overrides)
@@ -52,7 +56,7 @@ def apply_watermark(model: str | Path, key: str | Path, out: str | Path, scheme:
     write_watermark_json(run.path, {k: v for k, v in info.items() if k != "format"})
     metrics: dict = {"method": scheme, "dim": wm.dim, "key_id": mk.key_id, "customers": list(customers),
                      "selection": getattr(wm, "selection", {})}
-    if scheme == "vlpmarker":
+    if hasattr(wm, "refinement_report"):
         metrics["refinement"] = {c: wm.refinement_report(c)["final"] for c in customers}
     if eval_domains:
         from ipshield.data.synthetic import load_synthetic

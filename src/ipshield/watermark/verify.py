@@ -569,6 +569,17 @@ def plan_queries(watermark, max_queries: int, n_probes_available: int, alpha: fl
     return QueryPlan(pairs, probes, extra)
 
 
+def usable_probes(watermark, probes: ReferenceSample) -> ReferenceSample:
+    """The probes minus the captions a text layer would change (``watermark.plain_text``: EmbMarker
+    and the stacked scheme move texts holding trigger words toward a target). Those captions are
+    not "ordinary" for the tests that compare the suspect with ``e W_k`` or with the clean model,
+    and would only add noise; the choice depends on the trigger words, never on the suspect."""
+    plain = getattr(watermark, "plain_text", None)
+    if plain is None:
+        return probes
+    return ReferenceSample(probes.images, [t for t in probes.texts if plain(t)])
+
+
 def _probe_embeddings(suspect: Suspect, clean, probes: ReferenceSample, n: int) -> tuple[torch.Tensor, torch.Tensor, int]:
     imgs, texts = probes.images[:n], probes.texts[:n]
     s = torch.cat([suspect.embed_images(imgs), suspect.embed_texts(texts)])
@@ -585,6 +596,7 @@ def _run(watermark, suspect, clean, probes: ReferenceSample, customers: list[str
     threshold = float(alpha)
     if calibration and calibration.get("threshold") is not None:
         threshold = min(threshold, float(calibration["threshold"]))
+    probes = usable_probes(watermark, probes)
     plan = plan_queries(watermark, max_queries, min(len(probes.images), len(probes.texts)), alpha / max(1, len(customers)),
                         len(customers))
     start_q = (suspect.images_queried, suspect.texts_queried)
