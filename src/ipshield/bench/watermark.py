@@ -104,6 +104,13 @@ def _p_cols(p: dict) -> str:
     return " | ".join(_fmt_p(p.get(t)) for t in _P_TESTS)
 
 
+def _customer_means(per_customer: dict[str, dict]) -> dict[str, float]:
+    """The mean over customers of every numeric field of per-customer records."""
+    rows = list(per_customer.values())
+    keys = [k for k, v in rows[0].items() if isinstance(v, (int, float))] if rows else []
+    return {k: float(np.mean([r.get(k, float("nan")) for r in rows])) for k in keys}
+
+
 def _customer_p(row: dict) -> Any:
     """A ranking row's p-value from the customer-specific tests (the combined one in older runs)."""
     return row.get("p_customer", row.get("p_value"))
@@ -493,17 +500,16 @@ def results_markdown(res: dict) -> str:
         lines.append("")
         lines.append(f"max |change| over all customers and domains: {u['max_abs_change']:.2f} points")
         if "similarity" in u:
-            sims = list(u["similarity"].values())
-            lines.append(f"image-caption similarities on {sims[0]['n_pairs']} held-out pairs (mean over customers): "
-                         f"|cos change| {np.mean([x['mean_abs_cos_change'] for x in sims]):.4f}, top-1 agreement with the "
-                         f"clean model {np.mean([x['top1_image_to_caption'] for x in sims]):.1f} % image -> caption, "
-                         f"{np.mean([x['top1_caption_to_image'] for x in sims]):.1f} % caption -> image")
+            sim = _customer_means(u["similarity"])
+            lines.append(f"image-caption similarities on {sim['n_pairs']:.0f} held-out pairs (mean over customers): "
+                         f"|cos change| {sim['mean_abs_cos_change']:.4f}, top-1 agreement with the clean model "
+                         f"{sim['top1_image_to_caption']:.1f} % image -> caption, {sim['top1_caption_to_image']:.1f} % caption -> image")
         if "refinement" in u:
-            ref = list(u["refinement"].values())
-            lines.append(f"refinement (mean over customers): orthogonality error {np.mean([r['orthogonality_error'] for r in ref]):.3f}, "
-                         f"served trigger gap {np.mean([r['trigger_gap'] for r in ref]):.4f} (z {np.mean([r['trigger_z'] for r in ref]):.1f}; "
+            ref = _customer_means(u["refinement"])
+            lines.append(f"refinement (mean over customers): orthogonality error {ref['orthogonality_error']:.3f}, "
+                         f"served trigger gap {ref['trigger_gap']:.4f} (z {ref['trigger_z']:.1f}; "
                          f"clean {u['clean_trigger_gap']:.4f}), reference image-caption |cos change| "
-                         f"{np.mean([r.get('utility_mean_abs_cos_change', float('nan')) for r in ref]):.4f}")
+                         f"{ref.get('utility_mean_abs_cos_change', float('nan')):.4f}")
         lines.append("")
     for scheme in (s for s in SCHEMES if s in res):
         r = res[scheme]
