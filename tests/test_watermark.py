@@ -523,6 +523,8 @@ def test_stacked_scheme_catches_a_rotated_student(setup, teacher_dir, innocent_d
     adapter, key, probes = setup["adapter"], setup["key"], setup["probes"]
     assert WATERMARKS.get("vlpmarker+embmarker") is StackedMarker
     sm = StackedMarker.fit(adapter, key, reference_from_synthetic(400, seed=1), StackedConfig(vlpmarker=setup["cfg"]))
+    template_words = {w for t in sm.vlp.config.prompt_templates for w in t.lower().replace("{}", " ").split()}
+    assert not template_words & set(sm.emb._triggers)  # no protected prompt is moved by the text layer
     service, vlp_only = sm.encoder(adapter, "acme"), sm.vlp.encoder(adapter, "acme")
     x, prompts = probes.images[:4], ["a photo of the digit 3", "a photo of the digit 7"]
     assert torch.allclose(service.embed_images(x), vlp_only.embed_images(x), atol=1e-5)

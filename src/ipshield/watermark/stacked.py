@@ -4,7 +4,7 @@ Why: a thief who rotates the embedding space of a student defeats VLPMarker on i
 transform is linear, so after the rotation only ``W_k W_k^T`` is left, which the utility budget
 keeps small; docs/watermark.md, "Why a rotated VLPMarker student escapes"). EmbMarker's trigger
 words are a *nonlinear*, input-dependent watermark on inputs the thief's own queries contain, and
-its cluster test reads it from the suspect's own cosines, whatever rotation follows. Stacking the
+its cluster test reads it from the suspect's own answers, whatever rotation follows. Stacking the
 two keeps what each does best: VLPMarker's key-specific tests (distribution, permutation,
 covariance, trigger) name the leaking customer of an unrotated or permuted copy, and the cluster
 test catches a rotated student.
@@ -15,8 +15,8 @@ Served, for customer k (one master key for both layers):
 - texts: ``normalise(normalise((1 - Q) e + Q t_k) W_k)`` with EmbMarker's ``Q = min(#triggers / 4, 1)``
   and target ``t_k``: EmbMarker's mixing first, then VLPMarker's transform.
 
-Zero-shot prompts hold no trigger word (EmbMarker excludes the prompt words and class names) and
-lie in VLPMarker's protected span, so zero-shot classification is unchanged, as for each layer
+Zero-shot prompts hold no trigger word (the words of every protected prompt template and the class
+names are excluded from the trigger words) and lie in VLPMarker's protected span, so zero-shot classification is unchanged, as for each layer
 alone. Verification sends VLPMarker's trigger pairs and probes and EmbMarker's cluster texts (the
 EmbMarker target test is left out: after ``W_k`` the target is ``t_k W_k``, and the cluster test
 needs no target).
@@ -24,6 +24,7 @@ needs no target).
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Sequence
 
@@ -80,8 +81,12 @@ class StackedMarker:
     def fit(cls, adapter, key: MasterKey, reference, config: StackedConfig | None = None,
             verbose: bool = False) -> "StackedMarker":
         cfg = config or StackedConfig()
+        # no word of a protected prompt template may become a trigger word: the text layer would
+        # move those prompts, and zero-shot with them would change
+        template_words = {w for t in cfg.vlpmarker.prompt_templates for w in re.findall(r"[a-z]+", t.lower())}
+        emb_cfg = cfg.embmarker.model_copy(update={"exclude": sorted(set(cfg.embmarker.exclude) | template_words)})
         return cls(VLPMarker.fit(adapter, key, reference, cfg.vlpmarker, verbose=verbose),
-                   EmbMarker.fit(adapter, key, reference, cfg.embmarker, verbose=verbose))
+                   EmbMarker.fit(adapter, key, reference, emb_cfg, verbose=verbose))
 
     def postprocessors(self, customer_id: str):
         v_images, v_texts = self.vlp.postprocessors(customer_id)
