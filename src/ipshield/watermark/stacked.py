@@ -28,8 +28,6 @@ import re
 from pathlib import Path
 from typing import Sequence
 
-import torch.nn.functional as F
-
 from ipshield.config import BaseConfig
 from ipshield.errors import CheckpointError, IPShieldError
 from ipshield.registry import WATERMARKS
@@ -93,7 +91,7 @@ class StackedMarker:
         _, e_texts = self.emb.postprocessors(customer_id)
 
         def texts(e, texts: Sequence[str]):
-            return v_texts(e_texts(F.normalize(e.float(), dim=-1), texts), texts)
+            return v_texts(e_texts(e, texts), texts)  # clean unit rows in; each layer renormalises
 
         return v_images, texts
 
