@@ -396,19 +396,24 @@ def _partially_whitened(x: torch.Tensor) -> torch.Tensor:
     return x @ u @ torch.diag(ev ** -MATCH_POWER) @ u.T
 
 
-def match_coordinates(s: torch.Tensor, y: torch.Tensor, n_img: int) -> torch.Tensor:
+def _matching_columns(x: torch.Tensor, n_img: int) -> torch.Tensor:
+    """Probe coordinates as ``match_coordinates`` compares them: centred per modality, partially
+    whitened, centred again and scaled to unit columns."""
+    a = _partially_whitened(_centre_modalities(x, n_img))
+    return F.normalize(a - a.mean(0), dim=0)
+
+
+def match_coordinates(s: torch.Tensor, y: torch.Tensor, n_img: int, s_columns: torch.Tensor | None = None) -> torch.Tensor:
     """The signed permutation matrix ``M`` with ``s M ~ y``: each coordinate of the suspect's probe
     embeddings ``s`` is matched to one coordinate of ``y`` (both centred per modality and partially
     whitened) by the Hungarian assignment on the absolute correlations over the probes (SciPy's
     ``linear_sum_assignment``); the sign is the correlation's. Undoes a thief's permutation of the
-    coordinates, with or without sign flips."""
+    coordinates, with or without sign flips. ``s_columns``: ``_matching_columns(s, n_img)`` when
+    the caller matches the same suspect many times."""
     from scipy.optimize import linear_sum_assignment
 
-    a = _partially_whitened(_centre_modalities(s, n_img))
-    b = _partially_whitened(_centre_modalities(y, n_img))
-    a = a - a.mean(0)
-    b = b - b.mean(0)
-    corr = F.normalize(a, dim=0).T @ F.normalize(b, dim=0)
+    a = _matching_columns(s, n_img) if s_columns is None else s_columns
+    corr = a.T @ _matching_columns(y, n_img)
     rows, cols = linear_sum_assignment(-corr.abs().numpy())
     m = torch.zeros_like(corr)
     m[rows, cols] = torch.sign(corr[rows, cols]) + (corr[rows, cols] == 0).to(corr.dtype)
@@ -421,10 +426,11 @@ def polar_factor(w: torch.Tensor) -> torch.Tensor:
     return u @ vt
 
 
-def _permutation_cos(s: torch.Tensor, e: torch.Tensor, n_img: int, q: torch.Tensor) -> torch.Tensor:
+def _permutation_cos(s: torch.Tensor, e: torch.Tensor, n_img: int, q: torch.Tensor,
+                     s_columns: torch.Tensor | None = None) -> torch.Tensor:
     """Per-probe cosines of the suspect mapped back through orthogonal ``q`` after undoing the
     signed permutation that best matches it to ``e q``."""
-    m = match_coordinates(s, F.normalize(e @ q, dim=-1), n_img)
+    m = match_coordinates(s, F.normalize(e @ q, dim=-1), n_img, s_columns)
     return _per_probe_cos(s @ m @ q.T, e, n_img)
 
 
@@ -432,7 +438,8 @@ def permutation_nulls(s: torch.Tensor, e: torch.Tensor, n_img: int, n_null: int 
     """The permutation test's statistic under ``n_null`` random orthogonal matrices (it does not
     depend on the customer: compute once per suspect)."""
     s, e = s.double(), e.double()
-    return _null_draws(lambda r: _permutation_cos(s, e, n_img, r), s.shape[1], n_null)
+    cols = _matching_columns(s, n_img)  # the suspect's side of every matching, computed once
+    return _null_draws(lambda r: _permutation_cos(s, e, n_img, r, cols), s.shape[1], n_null)
 
 
 def permutation_test(s: torch.Tensor, e: torch.Tensor, n_img: int, w: torch.Tensor, nulls: dict | None = None) -> TestResult:
