@@ -32,6 +32,10 @@ from ipshield.config import BaseConfig
 from ipshield.runs import write_json
 
 
+#: the schemes the benchmark knows, in table order
+SCHEMES = ("vlpmarker", "embmarker", "vlpmarker+embmarker")
+
+
 class WatermarkBenchConfig(BaseConfig):
     seed: int = 0
     #: None: the cached small CLIP (``small_clip("default")``); a number: the default preset
@@ -56,7 +60,7 @@ class WatermarkBenchConfig(BaseConfig):
     prune_levels: list[float] = [0.1, 0.3, 0.5, 0.7, 0.8]
     finetune_steps: list[int] = [30, 100]
     n_eval_test: int = 300
-    schemes: list[str] = ["vlpmarker", "embmarker", "vlpmarker+embmarker"]
+    schemes: list[str] = list(SCHEMES)
     vlpmarker_overrides: list[str] = []
 
     @classmethod
@@ -77,10 +81,6 @@ def teacher_path(config: WatermarkBenchConfig) -> Path:
     if not (d / "model.safetensors").is_file() or not (d / "pretrain.json").is_file():
         pretrain(preset_config("default", [f"steps={config.teacher_steps}"]), d, show_progress=False)
     return d
-
-
-#: the schemes the benchmark knows, in table order
-SCHEMES = ("vlpmarker", "embmarker", "vlpmarker+embmarker")
 
 
 def _file_name(scheme: str) -> str:
@@ -244,10 +244,11 @@ class WatermarkBench:
         _, wms = self.owner()
         wm = wms[scheme]
         before = self.zs(self.clean())
-        after = {c: self.zs(wm.encoder(self.adapter, c)) for c in self.customers}
+        served = {c: wm.encoder(self.adapter, c) for c in self.customers}
+        after = {c: self.zs(enc) for c, enc in served.items()}
         res: dict[str, Any] = {"before": before, "after": after,
                                "max_abs_change": max(abs(a[d] - before[d]) for a in after.values() for d in before),
-                               "similarity": {c: self.similarity_change(wm.encoder(self.adapter, c)) for c in self.customers}}
+                               "similarity": {c: self.similarity_change(enc) for c, enc in served.items()}}
         if hasattr(wm, "refinement_report"):
             res["refinement"] = {c: wm.refinement_report(c)["final"] for c in self.customers}
             res["clean_trigger_gap"] = wm.refinement_report(self.customers[0])["clean_trigger_gap"]
