@@ -205,7 +205,7 @@ class EmbMarker:
 
     def plain_text(self, text: str) -> bool:
         """True when the service serves ``text`` unchanged (it holds no trigger word)."""
-        return not any(w in self._trigger_set for w in _words(text))
+        return float(self.trigger_counts([text])[0]) == 0
 
     def postprocessors(self, customer_id: str):
         t = self.target(customer_id)
