@@ -21,6 +21,7 @@ import pytest
 
 from ipshield.bench import harness as H
 from ipshield.errors import ConfigError, IPShieldError
+from ipshield.report.suite import run_suite_with_report
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,7 +98,7 @@ def _suite(tmp_path: Path, text: str = SUITE) -> Path:
 
 def test_suite_runs_writes_tables_report_and_resumes(tmp_path, stand_ins):
     out = tmp_path / "run"
-    res = H.run_suite(_suite(tmp_path), out, show_progress=False, log=lambda m: None)
+    res = run_suite_with_report(_suite(tmp_path), out, show_progress=False, log=lambda m: None)
     assert len(stand_ins) == 3 * 2 * 2 and len(res.computed) == 12 and not res.failed
     for f in ("results.csv", "summary.csv", "results.md", "report.html", "suite.yaml", "run.json"):
         assert (out / f).is_file(), f
@@ -131,7 +132,7 @@ def test_suite_runs_writes_tables_report_and_resumes(tmp_path, stand_ins):
     # a rerun computes nothing and gives the same tables
     before_csv = (out / "results.csv").read_text()
     stand_ins.clear()
-    res2 = H.run_suite(_suite(tmp_path), out, show_progress=False, log=lambda m: None)
+    res2 = run_suite_with_report(_suite(tmp_path), out, show_progress=False, log=lambda m: None)
     assert stand_ins == [] and res2.computed == [] and len(res2.reused) == 12
     assert (out / "results.csv").read_text() == before_csv
 
@@ -149,14 +150,14 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path, stand_ins):
     H.register_cell("test-strong")(interrupted)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        H.run_suite(_suite(tmp_path), out, show_progress=False, log=lambda m: None, report=False)
+        H.run_suite(_suite(tmp_path), out, show_progress=False, log=lambda m: None)
     finished = sorted(p.stem for p in (out / "cells").glob("*.json"))
     assert len(finished) == 8  # seed 0 (6 cells) + seed 1 first pair: test-none and weak; strong was interrupted
     first_calls = list(stand_ins)
 
     H.register_cell("test-strong")(strong)
     stand_ins.clear()
-    res = H.run_suite(_suite(tmp_path), out, show_progress=False, log=lambda m: None)
+    res = run_suite_with_report(_suite(tmp_path), out, show_progress=False, log=lambda m: None)
     assert sorted(res.computed) == sorted(stand_ins) and len(stand_ins) == 4
     assert not set(stand_ins) & set(finished)
     assert set(first_calls) | set(stand_ins) >= {k for k in res.reused + res.computed}
@@ -165,10 +166,11 @@ def test_interrupted_run_resumes_without_recomputing(tmp_path, stand_ins):
 
 def test_changed_method_config_recomputes_only_that_method(tmp_path, stand_ins):
     out = tmp_path / "run"
-    H.run_suite(_suite(tmp_path), out, show_progress=False, log=lambda m: None, report=False)
+    res = H.run_suite(_suite(tmp_path), out, show_progress=False, log=lambda m: None)
+    assert res.report is None and not (out / "report.html").exists()  # the harness alone writes no report
     stand_ins.clear()
     H.run_suite(_suite(tmp_path, SUITE.replace("{epochs: 1}", "{epochs: 2}")), out, show_progress=False,
-                log=lambda m: None, report=False)
+                log=lambda m: None)
     assert len(stand_ins) == 4 and all(k.startswith("strong__") for k in stand_ins)
 
 
@@ -179,12 +181,12 @@ def test_failed_cell_is_reported_and_retried(tmp_path, stand_ins):
     H.register_cell("test-boom")(boom)
     suite = SUITE.replace("  - test-none\n", "  - test-none\n  - name: boom\n    runner: test-boom\n")
     out = tmp_path / "run"
-    res = H.run_suite(_suite(tmp_path, suite), out, show_progress=False, log=lambda m: None)
+    res = run_suite_with_report(_suite(tmp_path, suite), out, show_progress=False, log=lambda m: None)
     assert len(res.failed) == 4 and len(res.computed) == 12
     assert (out / "cells" / "boom__clean__inverted__s0.error.txt").read_text().count("numerical trouble") >= 1
     assert "Failed cells" in (out / "report.html").read_text()
     H.register_cell("test-boom")(H.CELL_RUNNERS["test-none"])
-    res = H.run_suite(_suite(tmp_path, suite), out, show_progress=False, log=lambda m: None)
+    res = run_suite_with_report(_suite(tmp_path, suite), out, show_progress=False, log=lambda m: None)
     assert len(res.computed) == 4 and not res.failed and not list((out / "cells").glob("*.error.txt"))
 
 
@@ -214,7 +216,10 @@ def test_builtin_suites_validate():
     assert {"embedded", "digits", "digits-clip", "smoke"} <= set(suites)
     for name in suites:
         cfg = H.resolve_suite(name)
-        assert all(m.runner_name in H.CELL_RUNNERS for m in cfg.methods), name
+        assert all(H.runner_for(m.runner_name) is not None for m in cfg.methods), name
+    from ipshield.registry import SUITES
+
+    assert set(suites) <= set(SUITES.names())  # every built-in suite is a registry entry
     assert len(H.resolve_suite("digits").pair_list()) == 6
 
 
@@ -267,10 +272,10 @@ def _fake_watermark(folder: Path) -> None:
     def attacks(scale):
         rows = [{"attack": "none", "strength": 0, "zero_shot_mean": 80.0, "p_value": 1e-30, "p": {}, "verdict": "stolen"}]
         for s in (0.5, 1.0, 2.0):
-            rows.append({"attack": "noise", "strength": s, "zero_shot_mean": 80 - 5 * s, "p_value": 10 ** (-20 * scale / s), "p": {}})
+            rows.append({"attack": "wm-noise", "strength": s, "zero_shot_mean": 80 - 5 * s, "p_value": 10 ** (-20 * scale / s), "p": {}})
         for s in (2, 8, 32):
-            rows.append({"attack": "dim-removal", "strength": s, "zero_shot_mean": 80 - s / 2, "p_value": 10 ** (-12 * scale / s ** 0.5), "p": {}})
-        rows.append({"attack": "rotation", "strength": "random", "zero_shot_mean": 80.0, "p_value": 1e-25, "p": {}})
+            rows.append({"attack": "wm-dim-removal", "strength": s, "zero_shot_mean": 80 - s / 2, "p_value": 10 ** (-12 * scale / s ** 0.5), "p": {}})
+        rows.append({"attack": "wm-rotate", "strength": "random", "zero_shot_mean": 80.0, "p_value": 1e-25, "p": {}})
         return rows
 
     res = {"config": {"alpha": 1e-6}, "model": "m"}
@@ -317,7 +322,7 @@ methods:
     config: {{epochs: 1, augment: false, batch_size: 32, max_train: 60}}
 """
     out = tmp_path / "run"
-    res = H.run_suite(_suite(tmp_path, suite), out, show_progress=False, log=lambda m: None)
+    res = run_suite_with_report(_suite(tmp_path, suite), out, show_progress=False, log=lambda m: None)
     assert len(res.computed) == 2 and not res.failed
     zs = json.loads((out / "cells" / "zero-shot__clean__inverted__s0.json").read_text())
     coop = json.loads((out / "cells" / "coop__clean__inverted__s0.json").read_text())
@@ -335,7 +340,7 @@ methods:
                     reason="chromium is not installed (apt-get install -y chromium) — the headless render check is skipped")
 def test_report_renders_in_headless_chromium(tmp_path, stand_ins):
     out = tmp_path / "run"
-    H.run_suite(_suite(tmp_path), out, show_progress=False, log=lambda m: None)
+    run_suite_with_report(_suite(tmp_path), out, show_progress=False, log=lambda m: None)
     shot = tmp_path / "shot.png"
     r = subprocess.run([str(REPO / "scripts" / "check_report.sh"), str(out / "report.html"), str(shot)],
                        capture_output=True, text=True, timeout=400)

@@ -7,7 +7,8 @@ import torch
 
 from ipshield.errors import CheckpointError
 from ipshield.protect.base import accuracy_by_domain
-from ipshield.protect.coop import CoOpConfig, CoOpModel, run_coop, train_coop
+from ipshield.jobs import run_coop
+from ipshield.protect.coop import CoOpConfig, CoOpModel, train_coop
 from ipshield.protect.zeroshot import ZeroShotClassifier
 
 

@@ -258,7 +258,7 @@ def test_load_domains_sources(tmp_path):
     assert list(load_domains("folder", root=tmp_path)) == ["A"]
     with pytest.raises(DataError, match="no option"):
         load_domains("synthetic", n_trian=3)
-    with pytest.raises(IPShieldError, match="unknown dataset"):
+    with pytest.raises(IPShieldError, match="unknown data source"):
         load_domains("imagenet")
     from ipshield.registry import DATASETS
 

@@ -152,7 +152,8 @@ def test_cosine_schedule_is_stepped_per_step(small_clip, synthetic_domains):
 
 
 def test_run_folder_round_trip(small_clip, synthetic_domains, tmp_path):
-    from ipshield.protect.ipclip_run import evaluate_run, load_run, predict_folder, run_ipclip
+    from ipshield.jobs import run_ipclip
+    from ipshield.protect.ipclip_run import evaluate_run, load_run, predict_folder
 
     doms = {k: synthetic_domains[k] for k in (AUTH, UNAUTH, "color")}
     cfg = IPCLIPConfig(**{**FAST, "epochs": 1, "max_train": 48})
@@ -205,7 +206,7 @@ def _renamed(domain: Domain, classes: list[str]) -> Domain:
 
 
 def test_bad_inputs(small_clip, synthetic_domains, tmp_path):
-    from ipshield.protect.ipclip_run import run_ipclip
+    from ipshield.jobs import run_ipclip
 
     a, u = synthetic_domains[AUTH], synthetic_domains[UNAUTH]
     other = _renamed(u, [f"c{i}" for i in range(len(u.classes))])
@@ -261,6 +262,10 @@ def test_registered():
     from ipshield.registry import METHODS
 
     assert "ip-clip" in METHODS and "ntl-prompt" in METHODS
+    for name in ("ip-clip", "ntl-prompt"):
+        spec = METHODS.get(name)
+        assert spec.model == "clip" and set(spec.scenarios) == {"target-specified", "ownership", "target-free",
+                                                                  "authorization"}
 
 
 def test_ntl_prompt_objective_and_its_limit(small_clip, synthetic_domains, target_specified):

@@ -42,11 +42,13 @@ def pseudo_source(source_model):
 
 @pytest.fixture(scope="module")
 def sa_run(tmp_path_factory, source_model, digits):
-    from ipshield.protect.map import MAPConfig, run
+    from ipshield import jobs
+    from ipshield.protect.map import MAPConfig
 
-    out = tmp_path_factory.mktemp("sa")
-    cfg = MAPConfig(setting="sa", steps=200, n_train=N_TRAIN)
-    return out, run(cfg, source_model, digits["mnist"], [digits["usps"]], out)
+    out = tmp_path_factory.mktemp("sa") / "run"
+    cfg = MAPConfig(setting="sa", steps=200, n_train=N_TRAIN)  # as given: not merged with the sa-map preset
+    return out, jobs.protect("sa-map", domains={"mnist": digits["mnist"], "usps": digits["usps"]}, authorized="mnist",
+                             unauthorized=["usps"], model=source_model, config=cfg, out=out, verbose=False)
 
 
 def test_source_model_and_checkpoint_roundtrip(tmp_path, source_model, digits):
@@ -260,7 +262,7 @@ def test_skip_at_chance_keeps_the_model_when_there_is_nothing_to_remove(source_m
 
 
 def test_cli_says_when_no_mask_was_trained(capsys):
-    from ipshield.cli.protect import _print
+    from ipshield.cli.protect import _print_classifier as _print
 
     summary = {"acc_a_before": 96.9, "acc_a_after": 96.9, "drop_a": 0.0, "acc_u_before": {"mnistm": 10.1},
                "acc_u_after": {"mnistm": 10.1}}
@@ -309,11 +311,11 @@ def test_ntl_and_cuti_reduce_unauthorized(method, min_drop_u, source_model, digi
     """Target-specified NTL and CUTI-domain train against USPS; target-free NTL never sees it
     (shifted MNIST images are its neighbourhood) and still removes part of it (measured, one
     thread: USPS 63.3 -> 40.0 %, MNIST drop -1.3)."""
-    from ipshield.registry import METHODS
+    from ipshield import jobs
 
-    spec = METHODS.get(method)
-    cfg = spec.make_config({"steps": 120, "n_train": N_TRAIN, "lr": 3e-4})
-    s = spec.run(cfg, source_model, digits["mnist"], [digits["usps"]], None)["summary"]
+    s = jobs.protect(method, domains={"mnist": digits["mnist"], "usps": digits["usps"]}, authorized="mnist",
+                     unauthorized=["usps"], model=source_model, config={"steps": 120, "n_train": N_TRAIN, "lr": 3e-4},
+                     verbose=False)["summary"]
     assert s["acc_u_before"]["usps"] - s["acc_u_after"]["usps"] > min_drop_u
     assert s["drop_a"] < 5.0
 
@@ -323,19 +325,19 @@ def test_ownership_scenario_collapses_watermarked_inputs(method, source_model, d
     """The owner's proof: the *unprotected* model still reads the watermarked digits (the grid's
     opacity is calibrated so that it does), the protected one collapses on them, clean accuracy
     stays. SF/DF-MAP learn it from the watermarked pseudo-source: no real image."""
-    from ipshield.registry import METHODS
+    from ipshield import jobs
 
-    spec = METHODS.get(method)
     steps = {"sa-map": 200, "sf-map": 300, "df-map": 300, "ntl": 300, "cuti": 120}[method]
-    opts = {"scenario": "ownership", "n_train": N_TRAIN, "steps": steps, **({"n_pseudo": 512} if method.endswith("map") else {})}
+    opts = {"n_train": N_TRAIN, "steps": steps, **({"n_pseudo": 512} if method.endswith("map") else {})}
     kw = {"pseudo_source": pseudo_source[:2]} if method in ("sf-map", "df-map") else {}
-    m = spec.run(spec.make_config(opts), source_model, digits["mnist"], [], None, **kw)
+    m = jobs.protect(method, domains={"mnist": digits["mnist"]}, authorized="mnist", scenario="ownership",
+                     model=source_model, config=opts, options=kw, verbose=False)
     s = m["summary"]
-    assert m["unauthorized"] == ["mnist+grid"]
+    assert m["unauthorized"] == ["mnist+watermark"]
     assert m["watermark"]["opacity"] in (0.1, 0.2, 0.3)  # calibrated: the pure white grid breaks the source model
     assert m["watermark"]["calibration"]["accuracy_by_opacity"]["1.0"] < 40.0
-    assert s["acc_u_before"]["mnist+grid"] > 80.0  # without the protection the watermark proves nothing
-    assert s["acc_u_after"]["mnist+grid"] < LIMIT_OWNERSHIP[method] and s["drop_a"] < 4.0
+    assert s["acc_u_before"]["mnist+watermark"] > 80.0  # without the protection the watermark proves nothing
+    assert s["acc_u_after"]["mnist+watermark"] < LIMIT_OWNERSHIP[method] and s["drop_a"] < 4.0
     if method in ("sf-map", "df-map"):
         assert m["unauthorized_data"] == "ownership watermark on the pseudo-source"
 
@@ -364,11 +366,12 @@ def test_ownership_opacity_calibration_and_config_errors(source_model, digits):
 
 
 def test_finetune_and_shot_attacks_report_recovery(sa_run, digits):
-    from ipshield.attacks.domain import finetune_attack, shot_attack
+    from ipshield.attacks.domain import finetune_attack, run_finetune, run_shot, shot_attack
     from ipshield.models.classifiers import load_classifier
     from ipshield.registry import ATTACKS
 
-    assert ATTACKS.get("finetune") is finetune_attack and ATTACKS.get("shot") is shot_attack
+    assert ATTACKS.get("finetune").run is run_finetune and ATTACKS.get("shot").run is run_shot
+    assert ATTACKS.get("finetune").target == "classifier" and ATTACKS.get("finetune").budget == "k"
     out, m = sa_run
     protected = load_classifier(out)
     ft = finetune_attack(protected, digits["usps"], k=100, steps=40)

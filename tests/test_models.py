@@ -325,12 +325,15 @@ def test_zero_shot_of_the_test_preset_is_well_above_chance(small_clip, synthetic
 
 
 def test_zero_shot_classifier_and_registry(small_clip, synthetic_domains):
-    from ipshield.protect.zeroshot import ZeroShotClassifier, ZeroShotConfig, zero_shot
+    from ipshield.protect.zeroshot import ZeroShotClassifier, ZeroShotConfig, zero_shot_classifier
     from ipshield.registry import METHODS
 
-    assert METHODS.get("zero-shot") is zero_shot
+    from ipshield.protect.zeroshot import zero_shot_job
+
+    spec = METHODS.get("zero-shot")
+    assert spec.run is zero_shot_job and spec.model == "clip" and spec.reference and spec.scenarios == ()
     dom = synthetic_domains["clean"]
-    clf = zero_shot(small_clip, dom, ZeroShotConfig(templates=["a photo of a {}.", "the digit {class}"]))
+    clf = zero_shot_classifier(small_clip, dom, ZeroShotConfig(templates=["a photo of a {}.", "the digit {class}"]))
     x = dom.test.to_tensor()[:8]
     logits = clf.predict_logits(x)
     assert logits.shape == (8, 10)

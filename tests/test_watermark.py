@@ -121,6 +121,34 @@ def test_trigger_pool_selection_and_storage(tmp_path):
     assert texts[0] not in repr(back)
 
 
+def test_every_watermark_scheme_declares_its_contract():
+    """Loops over ``WATERMARKS``: a new scheme is checked the moment it is registered."""
+    from ipshield.config import BaseConfig
+    from ipshield.errors import ConfigError
+    from ipshield.registry import WATERMARKS
+    from ipshield.watermark.base import SCHEME_METHODS
+
+    known = {"trigger", "distribution", "covariance", "permutation", "cluster", "procrustes"}
+    assert {"vlpmarker", "embmarker", "vlpmarker+embmarker"} <= set(WATERMARKS.names())
+    for spec in WATERMARKS.specs():
+        assert spec.obj.scheme == spec.name and spec.description, spec.name
+        missing = [m for m in SCHEME_METHODS if not callable(getattr(spec.obj, m, None))]
+        assert not missing, (spec.name, missing)
+        assert isinstance(spec.config, type) and issubclass(spec.config, BaseConfig), spec.name
+        assert isinstance(spec.make_config(), spec.config)
+        with pytest.raises(ConfigError, match="unknown key 'no_such_key'"):
+            spec.make_config({}, ["no_such_key=1"])
+        assert {"trigger", "procrustes"} <= set(spec.tests) <= known, spec.name
+        # a text layer (EmbMarker's trigger words) needs the texts and adds the cluster test
+        assert spec.needs_texts == ("cluster" in spec.tests), spec.name
+    assert not WATERMARKS.get("vlpmarker").needs_texts and WATERMARKS.get("embmarker").needs_texts
+    # the stacked scheme's config takes dotted keys, one section per layer
+    st = WATERMARKS.get("vlpmarker+embmarker").make_config({}, ["vlpmarker.steps=7", "embmarker.cluster_texts=1"])
+    assert st.vlpmarker.steps == 7 and st.embmarker.cluster_texts == 1
+    with pytest.raises(ConfigError, match="no_such_key"):
+        WATERMARKS.get("vlpmarker+embmarker").make_config({}, ["vlpmarker.no_such_key=1"])
+
+
 def test_refinement_aligns_triggers_keeps_near_orthogonal_and_protected_span():
     from ipshield.watermark.vlpmarker import VLPMarkerConfig, refine_transform, trigger_gap
 
@@ -269,7 +297,7 @@ def test_rotation_and_permutation_do_not_evade(setup, innocent_dirs):
         # ... the covariance test (W_k W_k^T, key-specific) is not, and needs no calibration
         assert rep.tests["covariance"].p_value <= 1e-6 and rep.verdict == "stolen", rep.summary()
         # the permutation test undoes a (signed) permutation, not a general rotation
-        if attacked.name == "rotate":
+        if attacked.name == "wm-rotate":
             assert rep.tests["permutation"].p_value > 1e-3, rep.summary()
         else:
             assert rep.tests["permutation"].p_value <= 1e-6, rep.summary()
@@ -327,6 +355,53 @@ def test_save_load_same_transform(setup, tmp_path):
         load_watermark(tmp_path / "wm", MasterKey.generate(wm.dim))  # another key
     with pytest.raises(IPShieldError):
         type(wm).fit(setup["adapter"], MasterKey.generate(wm.dim + 1), setup["probes"], setup["cfg"])
+
+
+def test_watermark_jobs_mark_a_failed_run_and_refuse_a_finished_one(setup, teacher_dir, tmp_path, monkeypatch):
+    """apply / verify through ``ipshield.jobs.watermark``: an error inside the job marks run.json
+    failed with the reason; a finished run is refused unless overwrite; the watermark folder is private."""
+    import ipshield.watermark.verify as verify_mod
+    from ipshield.jobs.watermark import apply_watermark, run_verify
+    from ipshield.watermark.vlpmarker import VLPMarker
+
+    key_file = tmp_path / "key.json"
+    setup["key"].save(key_file)
+
+    def broken_fit(*a, **k):
+        raise RuntimeError("fit broke")
+
+    monkeypatch.setattr(VLPMarker, "fit", classmethod(broken_fit))
+    with pytest.raises(RuntimeError):
+        apply_watermark(teacher_dir, key_file, tmp_path / "wm0", n_reference=50, eval_domains=False)
+    info = json.loads((tmp_path / "wm0" / "run.json").read_text())
+    assert info["status"] == "failed" and "fit broke" in info["reason"]
+    assert (os.stat(tmp_path / "wm0").st_mode & 0o777) == 0o700
+    monkeypatch.undo()
+
+    wm_dir = tmp_path / "wm"
+    setup["wm"].save(wm_dir)
+    out = tmp_path / "v"
+    kw = dict(customer="acme", clean_model=teacher_dir, max_queries=128, n_probes=64)
+
+    def broken_verify(*a, **k):
+        raise RuntimeError("verification broke")
+
+    monkeypatch.setattr(verify_mod, "verify", broken_verify)
+    with pytest.raises(RuntimeError):
+        run_verify(teacher_dir, setup["key"], wm_dir, out, **kw)
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "failed" and "verification broke" in info["reason"]
+    monkeypatch.undo()
+    m = run_verify(teacher_dir, setup["key"], wm_dir, out, **kw)  # the same command redoes it in place
+    assert json.loads((out / "run.json").read_text())["status"] == "done" and m["customer_id"] == "acme"
+    with pytest.raises(IPShieldError, match="already holds a finished 'verify' run"):
+        run_verify(teacher_dir, setup["key"], wm_dir, out, **kw)
+    run_verify(teacher_dir, setup["key"], wm_dir, out, overwrite=True, **kw)
+    assert json.loads((out / "run.json").read_text())["status"] == "done"
+    # bad input is refused before the run folder is opened
+    with pytest.raises(IPShieldError, match="which customer"):
+        run_verify(teacher_dir, setup["key"], wm_dir, tmp_path / "v2", clean_model=teacher_dir)
+    assert not (tmp_path / "v2").exists()
 
 
 def test_bad_suspects_are_never_stolen(setup):
@@ -438,9 +513,14 @@ def test_cli_keygen_apply_calibrate_verify(teacher_dir, innocent_dirs, tmp_path)
     key = tmp_path / "key.json"
     wm = tmp_path / "wm"
     assert main(["watermark", "keygen", "--out", str(key), "--model", str(teacher_dir)]) == 0
-    assert main(["watermark", "apply", "--key", str(key), "--model", str(teacher_dir), "--out", str(wm),
-                 "--customers", "acme,beta", "--n-reference", "200", "--set", "n_triggers=32", "--set", "pool_factor=2",
-                 "--set", "steps=40", "--set", "n_utility=64"]) == 0
+    apply_args = ["watermark", "apply", "--key", str(key), "--model", str(teacher_dir), "--out", str(wm),
+                  "--customers", "acme,beta", "--n-reference", "200", "--set", "n_triggers=32", "--set", "pool_factor=2",
+                  "--set", "steps=40", "--set", "n_utility=64"]
+    assert main(apply_args) == 0
+    assert (os.stat(wm).st_mode & 0o777) == 0o700 and json.loads((wm / "run.json").read_text())["status"] == "done"
+    # a finished watermark is never replaced by accident (its evidence would be lost)
+    before = (wm / "watermark.json").read_text()
+    assert main(apply_args) == 2 and (wm / "watermark.json").read_text() == before
     # too few innocents: a clear error before any work
     assert main(["watermark", "calibrate", "--key", str(key), "--watermark", str(wm), "--out", str(tmp_path / "c0"),
                  "--innocent", str(innocent_dirs[0])]) == 2
@@ -496,8 +576,8 @@ def test_watermark_bench_smoke_resumes(teacher_dir, tmp_path):
     for scheme in schemes:
         r = res[scheme]
         assert len(r["innocents"]) == 3 and r["false_positive_rate"] == 0.0, r["innocents"]
-        assert {"rotate", "permute", "signed-permute", "noise", "dim-removal", "prune", "finetune"} <= {
-            a["attack"] for a in r["attacks"]}
+        assert {"wm-rotate", "wm-permute", "wm-signed-permute", "wm-noise", "wm-dim-removal", "wm-prune",
+                "wm-finetune"} <= {a["attack"] for a in r["attacks"]}
         assert len(r["identification"]["student"]["ranking"]) == cfg.n_customers
         assert all(row["queries"]["total"] <= cfg.max_queries for row in r["extraction"])
     again: list[str] = []
@@ -521,7 +601,7 @@ def test_stacked_scheme_catches_a_rotated_student(setup, teacher_dir, innocent_d
     if zs < 25:
         pytest.skip(f"the test small CLIP is at chance level (zero-shot mean {zs:.1f}%): nothing worth stealing")
     adapter, key, probes = setup["adapter"], setup["key"], setup["probes"]
-    assert WATERMARKS.get("vlpmarker+embmarker") is StackedMarker
+    assert WATERMARKS.get("vlpmarker+embmarker").obj is StackedMarker
     sm = StackedMarker.fit(adapter, key, reference_from_synthetic(400, seed=1), StackedConfig(vlpmarker=setup["cfg"]))
     template_words = {w for t in sm.vlp.config.prompt_templates for w in t.lower().replace("{}", " ").split()}
     assert not template_words & set(sm.emb._triggers)  # no protected prompt is moved by the text layer

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from ipshield.errors import ConfigError
 
@@ -19,6 +19,23 @@ class BaseConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
+    #: counts that must be at least 1 when set (a field of one of these names in any config)
+    _POSITIVE_COUNTS = ("epochs", "steps", "batch_size", "n_ctx", "max_train", "n_train", "n_test", "image_size")
+    #: rates that must be > 0 when set
+    _POSITIVE_RATES = ("lr",)
+
+    @model_validator(mode="after")
+    def _check_ranges(self):
+        for name in self._POSITIVE_COUNTS:
+            v = getattr(self, name, None)
+            if isinstance(v, int) and not isinstance(v, bool) and v < 1:
+                raise ValueError(f"{name} must be at least 1 (got {v})")
+        for name in self._POSITIVE_RATES:
+            v = getattr(self, name, None)
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not v > 0:
+                raise ValueError(f"{name} must be greater than 0 (got {v})")
+        return self
+
     @classmethod
     def build(cls: type[C], data: dict[str, Any] | None = None, overrides: list[str] | None = None) -> C:
         data = dict(data or {})
@@ -27,7 +44,9 @@ class BaseConfig(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as exc:
-            raise ConfigError(_describe(cls, exc), _fix_hint(cls)) from None
+            if all(e["type"] == "extra_forbidden" for e in exc.errors()):
+                raise ConfigError(_describe(cls, exc), _fix_hint(cls)) from None
+            raise ConfigError(_describe(cls, exc), "give each value named above in its range (see the method's doc)") from None
 
     @classmethod
     def from_yaml(cls: type[C], path: str | Path | None, overrides: list[str] | None = None) -> C:
@@ -80,6 +99,8 @@ def _describe(cls: type[BaseModel], exc: ValidationError) -> str:
         loc = ".".join(str(x) for x in err["loc"]) or "(config)"
         if err["type"] == "extra_forbidden":
             lines.append(f"unknown key '{loc}' for {cls.__name__}")
+        elif not err["loc"]:  # a check across the whole config: its message names the field
+            lines.append(str(err["msg"]).removeprefix("Value error, "))
         else:
             lines.append(f"{loc}: {err['msg']} (got {err.get('input')!r})")
     return "invalid configuration: " + "; ".join(lines)

@@ -26,8 +26,9 @@ def run_demo(out: str | Path, authorized: str = "clean", preset: str = "default"
     from ipshield.models.clip import load_clip
     from ipshield.models.tiny_clip import small_clip
     from ipshield.protect.base import accuracy_by_domain
-    from ipshield.protect.coop import CoOpConfig, train_coop
-    from ipshield.protect.ipclip import IPCLIPConfig, train_ipclip
+    from ipshield import jobs
+    from ipshield.protect.coop import CoOpConfig
+    from ipshield.protect.ipclip import IPCLIPConfig
     from ipshield.protect.zeroshot import ZeroShotClassifier
     from ipshield.report.plots import accuracy_bars
     from ipshield.report.tables import markdown_accuracy_table, print_accuracy_table
@@ -60,20 +61,25 @@ def run_demo(out: str | Path, authorized: str = "clean", preset: str = "default"
     acc["zero-shot"] = accuracy_by_domain(ZeroShotClassifier(adapter, classes), domains)
     timings["zero_shot"] = time.perf_counter() - t
 
+    # CoOp and IP-CLIP through the jobs layer (the same job as `ipshield protect coop|ip-clip`), each
+    # in its own run folder; the demo always recomputes, so an earlier demo's folders are replaced
     t = time.perf_counter()
-    coop = train_coop(adapter, domains[authorized], CoOpConfig(seed=seed))
+    coop_opts: dict = {}
+    jobs.protect("coop", domains=domains, authorized=authorized, out=run.path / "coop", model=adapter,
+                 config=CoOpConfig(seed=seed), options=coop_opts, overwrite=True)
+    coop = coop_opts["trained_model"]
     acc["CoOp"] = accuracy_by_domain(coop, domains)
-    coop.save(run.path / "coop")
     timings["coop"] = time.perf_counter() - t
 
     # IP-CLIP: restrict the small CLIP to the authorized domain (target-specified: every other
     # built-in domain is a labelled unauthorized domain)
     t = time.perf_counter()
-    others = [domains[d] for d in domains if d != authorized]
-    ipclip = train_ipclip(adapter, domains[authorized], others,
-                          IPCLIPConfig(epochs=ipclip_epochs, max_train=500, augment=False, lr=ipclip_lr, seed=seed))
-    acc["IP-CLIP"] = accuracy_by_domain(ipclip, domains)
-    ipclip.save(run.path / "ip-clip")
+    others = [d for d in domains if d != authorized]
+    m = jobs.protect("ip-clip", domains=domains, authorized=authorized, unauthorized=others, out=run.path / "ip-clip",
+                     model=adapter, options={"coop": coop},
+                     config=IPCLIPConfig(epochs=ipclip_epochs, max_train=500, augment=False, lr=ipclip_lr, seed=seed),
+                     overwrite=True)
+    acc["IP-CLIP"] = m["accuracy"]["after"]
     timings["ip_clip"] = time.perf_counter() - t
 
     print_accuracy_table(acc, authorized, f"accuracy (%) per domain, authorized = {authorized}")
@@ -130,6 +136,14 @@ def watermark_demo(adapter, clip_dir: Path, preset: str, out: Path, console, see
     key.save(owner / "key.json")
     wm = StackedMarker.fit(adapter, key, reference_from_synthetic(600, seed=1))
     wm.save(owner / "watermark")
+    # the owner's folder names the clean model and the customers, so that
+    # `ipshield verify --key owner/key.json --watermark owner/watermark --model SUSPECT --identify` needs no other flag
+    from ipshield.watermark.base import read_watermark_json, write_watermark_json
+
+    info = read_watermark_json(owner / "watermark")
+    info["model"] = str(Path(clip_dir).resolve())
+    info["customers"] = list(customers)
+    write_watermark_json(owner / "watermark", {k: v for k, v in info.items() if k != "format"})
     service = wm.encoder(adapter, thief)
     doms = load_synthetic(n_train=200, n_test=300, seed=seed)
     zs_clean = zero_shot_accuracy(CleanEncoder(adapter), doms)

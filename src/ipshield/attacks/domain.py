@@ -9,30 +9,118 @@ attacker who holds the protected classifier win back, and at what cost?
   maximisation (confident and diverse predictions) plus cross-entropy to self-supervised pseudo
   labels from feature centroids (recomputed every ``refresh_every`` steps).
 
-Both return a dict with the unauthorized accuracy before and after the attack (percent).
-Each attack works on a copy; the given model is not modified.
+Both return a dict with the unauthorized accuracy before and after the attack (percent) and the
+attacked copy under ``"model"``. Each attack works on a copy; the given model is not modified.
+
+The contract of every entry of ``ATTACKS`` (docs/dev/CONTRACTS.md) is defined here too, and
+shared by ``ipshield.attacks.watermark``: a config class derived from :class:`AttackConfig`
+(extra keys rejected, its budget field greater than 0), one signature
+``run(target, config, **inputs) -> dict`` (``inputs``: ``domain=`` for classifier attacks,
+``public=`` for watermark attacks), and a result dict with ``"attack"``, the budget and the
+attacked target under ``"model"``. :func:`check_target` refuses a target of another kind.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 import time
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal, Mapping
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from pydantic import Field, model_validator
 
 from ipshield.config import BaseConfig
 from ipshield.data.domain import Domain
-from ipshield.errors import DataError, IPShieldError
+from ipshield.errors import ConfigError, DataError, IPShieldError
 from ipshield.registry import ATTACKS
-from ipshield.utils import progress, seed_everything
+from ipshield.utils import progress, seed_everything, resolve_device
 
 
-class FinetuneAttackConfig(BaseConfig):
+# ============================================================================ the contract of every attack
+#: the kinds of target an attack takes (``AttackSpec.target``), in words
+TARGET_KINDS = {
+    "classifier": "an image classifier (e.g. a protected classifier folder loaded with load_classifier)",
+    "prompt": "a CLIP prompt model (a CoOp, IP-CLIP or NTL-prompt model)",
+    "embedder": "an embedding service or a CLIP model (embed_images/embed_texts, or a CLIP adapter)",
+}
+
+
+def target_kind(target: Any) -> str | None:
+    """The kind of attack target ``target`` is: "embedder" (anything with ``embed_images`` and
+    ``embed_texts``, or a CLIP adapter with ``encode_image``/``encode_text``), "prompt" (a module
+    built on a CLIP adapter: ``.adapter``), "classifier" (any other ``nn.Module``), or None."""
+    if hasattr(target, "embed_images") and hasattr(target, "embed_texts"):
+        return "embedder"
+    if hasattr(target, "encode_image") and hasattr(target, "encode_text"):
+        return "embedder"
+    if isinstance(target, nn.Module):
+        return "prompt" if hasattr(target, "adapter") else "classifier"
+    return None
+
+
+def check_target(name: str, kind: str, target: Any) -> Any:
+    """``target`` when it is of the ``kind`` the attack ``name`` takes; else an IPShieldError that
+    names what was given and the attacks that take it."""
+    got = target_kind(target)
+    if got == kind:
+        return target
+    what = f"{TARGET_KINDS[got].split(' (')[0]} ({type(target).__name__})" if got else \
+        f"a {type(target).__name__}, which is no model ipshield can attack"
+    fix = f"give {TARGET_KINDS[kind]}"
+    if got:
+        others = [n for n, s in ATTACKS.items() if s.target == got]
+        if others:
+            fix += f"; the attacks on {got}s are: {', '.join(others)}"
+    raise IPShieldError(f"attack '{name}' takes {TARGET_KINDS[kind].split(' (')[0]}, not {what}", fix)
+
+
+class AttackConfig(BaseConfig):
+    """Base of every attack config: extra keys rejected, and the budget (the field named by
+    ``budget_field``: labelled images, queries, strength) must be greater than 0."""
+
+    #: the field that is the attack's budget (the spec's ``budget``)
+    budget_field: ClassVar[str] = ""
+
+    @model_validator(mode="after")
+    def _check_budget(self):
+        name = self.budget_field
+        v = getattr(self, name, None) if name else None
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not v > 0:
+            desc = type(self).model_fields[name].description
+            raise ValueError(f"the attack budget {name}{f' ({desc})' if desc else ''} must be greater than 0 (got {v})")
+        return self
+
+    @classmethod
+    def build(cls, data: Mapping[str, Any] | None = None, overrides: list[str] | None = None):
+        try:
+            return super().build(dict(data or {}), overrides)
+        except ConfigError as exc:
+            name = cls.budget_field
+            if name and "unknown key" not in exc.problem and re.search(rf"(?<![\w.]){re.escape(name)}\b", exc.problem):
+                default = cls.model_fields[name].default
+                raise ConfigError(exc.problem, f"give the budget {name} a valid value, e.g. {name}={default}") from None
+            raise
+
+
+def as_config(cls: type[AttackConfig], config: Any = None, overrides: Mapping[str, Any] | None = None) -> AttackConfig:
+    """``config`` as an instance of ``cls``: None (the defaults), a mapping, or an instance;
+    ``overrides`` (keyword arguments of the old call style) on top."""
+    if isinstance(config, cls):
+        return cls.build({**config.to_dict(), **dict(overrides)}) if overrides else config
+    if config is not None and not isinstance(config, Mapping):
+        raise ConfigError(f"{type(config).__name__} is not a config of this attack", f"give a {cls.__name__} or a mapping")
+    return cls.build({**dict(config or {}), **dict(overrides or {})})
+
+
+# ============================================================================ the attacks
+class FinetuneAttackConfig(AttackConfig):
+    budget_field: ClassVar[str] = "k"
+
     #: labelled unauthorized training images the attacker holds (class-balanced)
-    k: int = 100
+    k: int = Field(100, description="labelled unauthorized images the attacker holds")
     #: optimisation steps (the same budget for every k)
     steps: int = 100
     batch_size: int = 32
@@ -43,12 +131,14 @@ class FinetuneAttackConfig(BaseConfig):
     n_test: int | None = None
     image_size: int = 32
     seed: int = 0
-    device: str = "cpu"
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
 
 
-class SHOTAttackConfig(BaseConfig):
-    #: unlabelled unauthorized training images used
-    n_train: int = 2000
+class SHOTAttackConfig(AttackConfig):
+    budget_field: ClassVar[str] = "n_train"
+
+    #: unlabelled unauthorized training images used (at most; all the domain has when fewer)
+    n_train: int = Field(2000, description="unlabelled unauthorized images the attacker holds")
     steps: int = 150
     batch_size: int = 64
     lr: float = 1e-3
@@ -59,7 +149,7 @@ class SHOTAttackConfig(BaseConfig):
     n_test: int | None = None
     image_size: int = 32
     seed: int = 0
-    device: str = "cpu"
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
 
 
 def _set_bn(model: nn.Module, bn_mode: str) -> None:
@@ -77,20 +167,29 @@ def _eval(model, domain: Domain, config) -> float:
     return accuracy(model, test_split(domain, config.n_test, config.seed), size=config.image_size)
 
 
-@ATTACKS.register("finetune")
-def finetune_attack(model: nn.Module, domain: Domain, config: FinetuneAttackConfig | None = None, **overrides: Any) -> dict[str, Any]:
-    """Fine-tune a copy of ``model`` on ``k`` labelled images of ``domain``; accuracy on its test split."""
-    from ipshield.models.classifiers import _random_shift
+def _check_domain(name: str, domain: Any) -> Domain:
+    if not isinstance(domain, Domain):
+        raise IPShieldError(f"attack '{name}' needs the attacker's data as a Domain (got {type(domain).__name__})",
+                            "pass domain=<a Domain of ipshield.data.load_domains>")
+    return domain
+
+
+def finetune_attack(model: nn.Module, domain: Domain, config: FinetuneAttackConfig | Mapping[str, Any] | None = None,
+                    **overrides: Any) -> dict[str, Any]:
+    """Fine-tune a copy of ``model`` on ``k`` labelled images of ``domain``; accuracy on its test split.
+    ``overrides``: config fields as keywords (``k=100, steps=40``), on top of ``config``."""
+    from ipshield.models.classifiers import random_shift
     from ipshield.protect.restrict import train_tensors
 
-    cfg = config or FinetuneAttackConfig.build(overrides)
-    if cfg.k < 1:
-        raise IPShieldError(f"k must be at least 1 (got {cfg.k})", "give the number of labelled unauthorized images")
+    cfg = as_config(FinetuneAttackConfig, config, overrides)
+    check_target("finetune", "classifier", model)
+    _check_domain("finetune", domain)
     if cfg.k > len(domain.train):
-        raise DataError(f"k={cfg.k} but domain '{domain.name}' has only {len(domain.train)} training images", "use a smaller k")
+        raise DataError(f"k={cfg.k} labelled images asked for, but domain '{domain.name}' has only {len(domain.train)} "
+                        "training images", f"use k <= {len(domain.train)}, or a data source with more images of '{domain.name}'")
     t0 = time.time()
     g = seed_everything(cfg.seed)
-    device = torch.device(cfg.device)
+    device = resolve_device(cfg.device)
     acc_before = _eval(model, domain, cfg)
     x, y = train_tensors(domain, cfg.k, cfg.image_size, cfg.seed)
     attacked = copy.deepcopy(model).to(device)
@@ -103,7 +202,7 @@ def finetune_attack(model: nn.Module, domain: Domain, config: FinetuneAttackConf
         idx = torch.randperm(len(y), generator=g)[:bs]
         xb, yb = x[idx], y[idx]
         if cfg.augment:
-            xb = _random_shift(xb, 2, g)
+            xb = random_shift(xb, 2, g)
         loss = F.cross_entropy(attacked(xb.to(device)), yb.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -145,15 +244,18 @@ def _pseudo_labels(model: nn.Module, head: nn.Linear, x: torch.Tensor, device, b
     return (f @ cent.t()).argmax(1).cpu()
 
 
-@ATTACKS.register("shot")
-def shot_attack(model: nn.Module, domain: Domain, config: SHOTAttackConfig | None = None, **overrides: Any) -> dict[str, Any]:
-    """SHOT-style source-free adaptation of a copy of ``model`` to the unlabelled train split of ``domain``."""
+def shot_attack(model: nn.Module, domain: Domain, config: SHOTAttackConfig | Mapping[str, Any] | None = None,
+                **overrides: Any) -> dict[str, Any]:
+    """SHOT-style source-free adaptation of a copy of ``model`` to the unlabelled train split of ``domain``.
+    ``overrides``: config fields as keywords (``steps=10, n_train=300``), on top of ``config``."""
     from ipshield.protect.restrict import train_tensors
 
-    cfg = config or SHOTAttackConfig.build(overrides)
+    cfg = as_config(SHOTAttackConfig, config, overrides)
+    check_target("shot", "classifier", model)
+    _check_domain("shot", domain)
     t0 = time.time()
     g = seed_everything(cfg.seed)
-    device = torch.device(cfg.device)
+    device = resolve_device(cfg.device)
     acc_before = _eval(model, domain, cfg)
     x, _ = train_tensors(domain, cfg.n_train, cfg.image_size, cfg.seed)  # labels never used
     attacked = copy.deepcopy(model).to(device)
@@ -179,20 +281,39 @@ def shot_attack(model: nn.Module, domain: Domain, config: SHOTAttackConfig | Non
         loss.backward()
         opt.step()
     attacked.eval()
-    return {"attack": "shot", "domain": domain.name, "steps": cfg.steps, "acc_before": acc_before,
+    return {"attack": "shot", "domain": domain.name, "n_train": int(len(x)), "steps": cfg.steps, "acc_before": acc_before,
             "acc_after": _eval(attacked, domain, cfg), "seconds": round(time.time() - t0, 1), "model": attacked}
+
+
+@ATTACKS.register("finetune", config=FinetuneAttackConfig, target="classifier", budget="k",
+                  description="fine-tune every weight on k labelled images of the unauthorized domain")
+def run_finetune(target: nn.Module, config: FinetuneAttackConfig | Mapping[str, Any] | None = None, *,
+                 domain: Domain) -> dict[str, Any]:
+    """``run(target, config, domain=)`` of the ``finetune`` entry (see :func:`finetune_attack`)."""
+    return finetune_attack(target, domain, config)
+
+
+@ATTACKS.register("shot", config=SHOTAttackConfig, target="classifier", budget="n_train",
+                  description="SHOT-style source-free adaptation on unlabelled images of the unauthorized domain")
+def run_shot(target: nn.Module, config: SHOTAttackConfig | Mapping[str, Any] | None = None, *,
+             domain: Domain) -> dict[str, Any]:
+    """``run(target, config, domain=)`` of the ``shot`` entry (see :func:`shot_attack`)."""
+    return shot_attack(target, domain, config)
 
 
 def cost_to_break(model: nn.Module, domain: Domain, ks: tuple[int, ...] = (10, 100, 1000), shot: bool = True,
                   finetune: dict[str, Any] | None = None, shot_options: dict[str, Any] | None = None,
                   seed: int = 0, n_test: int | None = None) -> dict[str, Any]:
-    """Unauthorized accuracy recovered by fine-tuning with each k and by SHOT (percent)."""
+    """Unauthorized accuracy recovered by fine-tuning with each k and by SHOT (percent). A k larger
+    than the domain's training images is skipped (``None``); a k below 1 is a ConfigError."""
+    check_target("finetune", "classifier", model)
+    _check_domain("finetune", domain)
     out: dict[str, Any] = {"domain": domain.name}
     for k in ks:
-        if k > len(domain.train):
+        cfg = FinetuneAttackConfig.build({"k": k, "seed": seed, "n_test": n_test, **(finetune or {})})
+        if cfg.k > len(domain.train):
             out[f"finetune_k{k}"] = None
             continue
-        cfg = FinetuneAttackConfig.build({"k": k, "seed": seed, "n_test": n_test, **(finetune or {})})
         r = finetune_attack(model, domain, cfg)
         out["acc_before"] = r["acc_before"]
         out[f"finetune_k{k}"] = r["acc_after"]

@@ -1,22 +1,33 @@
 """Attacks on embedding watermarks: steal the service (model extraction), then try to hide the theft.
 
-Registered in ``ATTACKS`` (the thief's side; all choices [ours], the papers' setups are unknown):
+Registered in ``ATTACKS`` (the thief's side; all choices [ours], the papers' setups are unknown),
+each with its config class (its budget field in brackets) and ``run(target, config, public=...)``:
 
-- ``wm-extract``: a student CLIP (the same small ViT architecture with a fresh random initialisation,
-  the public tokenizer) trained to reproduce the service's embeddings of a public image-text set
-  (``ExtractConfig.loss``: cosine or MSE, both towers), with ``n_queries`` pairs queried once and
-  cached (a budget sweep = several students). ``extract_student(service, public, arch_dir, cfg)``.
-- ``wm-rotate`` / ``wm-permute``: the thief applies one secret random orthogonal matrix (or coordinate
-  permutation) to every embedding it serves, both modalities (cross-modal cosines are unchanged).
-- ``wm-noise``: Gaussian noise of total norm about ``strength`` added to each unit embedding, renormalised.
-- ``wm-dim-removal``: project out the top-``strength`` principal directions of the thief's own
-  embeddings of public data (pooled images and texts, centred), renormalise (CSE-like).
-- ``wm-finetune``: contrastive (CLIP loss) fine-tuning of the student on public image-caption pairs
-  for ``strength`` steps.
-- ``wm-prune``: global magnitude pruning of a fraction ``strength`` of the student's linear weights.
+- ``wm-extract`` [``n_queries``]: a student CLIP (the same small ViT architecture with a fresh
+  random initialisation, the public tokenizer) trained to reproduce the service's embeddings of a
+  public image-text set (``ExtractConfig.loss``: cosine or MSE, both towers), with ``n_queries``
+  pairs queried once and cached (a budget sweep = several students).
+  ``extract_student(service, public, arch_dir, cfg)``; its run also needs ``arch_dir=``.
+- ``wm-rotate`` / ``wm-permute`` / ``wm-signed-permute`` [``strength``: the fraction of the
+  embedding dimensions mixed, 1 = all]: the thief applies one secret random orthogonal matrix (or
+  coordinate permutation, or permutation with random sign flips) to every embedding it serves, both
+  modalities (cross-modal cosines are unchanged).
+- ``wm-noise`` [``strength``]: Gaussian noise of total norm about ``strength`` added to each unit
+  embedding, renormalised.
+- ``wm-dim-removal`` [``strength``]: project out the top-``strength`` principal directions of the
+  thief's own embeddings of public data (pooled images and texts, centred), renormalise (CSE-like).
+- ``wm-finetune`` [``strength``]: contrastive (CLIP loss) fine-tuning of the student on public
+  image-caption pairs for ``strength`` steps.
+- ``wm-prune`` [``strength``]: global magnitude pruning of a fraction ``strength`` of the
+  student's linear weights.
 
-Embedding-level attacks wrap an embedder (``embed_images``/``embed_texts``); weight-level attacks
-take and return a CLIP adapter. ``apply_attack(name, target, strength, ...)`` dispatches.
+Every target is an "embedder" (``AttackSpec.target``): an embedding service, a ``CleanEncoder``, or
+a CLIP adapter (a student). Embedding-level attacks wrap it (``embed_images``/``embed_texts``);
+weight-level attacks (prune, finetune) need the weights (a CLIP adapter or a ``CleanEncoder`` of
+one) and return the same kind they were given. Each run returns ``{"attack", <budget>, ...,
+"model": the attacked target}``. ``apply_attack(name, target, strength, ...)`` dispatches by name
+through the spec. The functions ``rotate``, ``permute``, ``noise``, ``dim_removal``, ``prune``,
+``finetune`` and ``extract_student`` are the implementations (and the older call style).
 """
 
 from __future__ import annotations
@@ -25,21 +36,23 @@ import copy
 import math
 import time
 from pathlib import Path
-from typing import Literal
+from typing import Any, ClassVar, Literal, Mapping
 
 import torch
 import torch.nn.functional as F
 from pydantic import Field
 
-from ipshield.config import BaseConfig
-from ipshield.errors import IPShieldError
+from ipshield.attacks.domain import AttackConfig, as_config, check_target
+from ipshield.errors import ConfigError, IPShieldError
 from ipshield.registry import ATTACKS
 from ipshield.watermark.base import CleanEncoder, ReferenceSample, embed_in_batches
 
 
 # ------------------------------------------------------------------------------ extraction
-class ExtractConfig(BaseConfig):
+class ExtractConfig(AttackConfig):
     """Model extraction (a student trained on the service's outputs)."""
+
+    budget_field: ClassVar[str] = "n_queries"
 
     n_queries: int = Field(6000, ge=16, description="public image-text pairs sent to the service (2 queries each)")
     epochs: int = Field(6, ge=1)
@@ -111,9 +124,13 @@ def extract_student(service, public: ReferenceSample, arch_dir: str | Path, conf
     ``targets``: already queried ``(images, texts, image_emb, text_emb)`` (a budget sweep queries once)."""
     from ipshield.utils import progress, seed_everything
 
-    cfg = config or ExtractConfig()
+    cfg = as_config(ExtractConfig, config)
     t0 = time.time()
     if targets is None:
+        if public is None:
+            raise IPShieldError("model extraction needs public image-caption pairs to query the service with",
+                                "pass public=ReferenceSample (e.g. reference_from_synthetic)")
+        service = as_embedder(check_target("wm-extract", "embedder", service))
         imgs, texts, ti, tt = query_service(service, public, cfg.n_queries)
     else:
         imgs, texts, ti, tt = targets
@@ -173,7 +190,15 @@ def extract_student(service, public: ReferenceSample, arch_dir: str | Path, conf
     return student, info
 
 
-ATTACKS.register("wm-extract")(extract_student)
+@ATTACKS.register("wm-extract", config=ExtractConfig, target="embedder", budget="n_queries",
+                  description="model extraction: a student CLIP trained on the service's embeddings of public pairs")
+def run_extract(target, config: ExtractConfig | Mapping[str, Any] | None = None, *, public: ReferenceSample,
+                arch_dir: str | Path, out_dir: str | Path | None = None, targets=None, verbose: bool = False) -> dict:
+    """``run(service, config, public=, arch_dir=)`` of ``wm-extract``: the student under ``"model"``
+    (a frozen CLIP adapter; with ``out_dir`` also saved there) and the extraction info."""
+    cfg = as_config(ExtractConfig, config)
+    student, info = extract_student(target, public, arch_dir, cfg, out_dir=out_dir, verbose=verbose, targets=targets)
+    return {"attack": "wm-extract", "n_queries": cfg.n_queries, **info, "model": student}
 
 
 # ------------------------------------------------------------------------------ embedding-level attacks
@@ -221,32 +246,62 @@ class NoisyEmbedder:
         return self._t(self.base.embed_texts(list(texts)))
 
 
-def random_rotation(dim: int, seed: int = 12345) -> torch.Tensor:
+def _n_mixed(dim: int, strength: float) -> int:
+    """How many of ``dim`` dimensions a rotation or permutation of ``strength`` (a fraction) mixes."""
+    s = float(strength)
+    if not 0 < s <= 1:
+        raise ConfigError(f"strength must be a fraction of the dimensions in (0, 1] (got {s})", "e.g. strength=1 (all)")
+    return max(1, min(dim, round(s * dim)))
+
+
+def random_rotation(dim: int, seed: int = 12345, strength: float = 1.0) -> torch.Tensor:
+    """A random orthogonal matrix; with ``strength`` < 1, one that rotates a random subspace of
+    ``round(strength * dim)`` dimensions and leaves its complement as it is."""
     g = torch.Generator().manual_seed(seed)
-    q, r = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
-    return (q * torch.sign(torch.diagonal(r)).unsqueeze(0)).float()
+    m = _n_mixed(dim, strength)
+    if m >= dim:
+        q, r = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
+        return (q * torch.sign(torch.diagonal(r)).unsqueeze(0)).float()
+    u, _ = torch.linalg.qr(torch.randn(dim, m, generator=g, dtype=torch.float64))  # basis of the subspace
+    rot = random_rotation(m, seed + 1).double()
+    return (torch.eye(dim, dtype=torch.float64) - u @ u.T + u @ rot @ u.T).float()
 
 
-def random_permutation(dim: int, seed: int = 12345, signs: bool = False) -> torch.Tensor:
+def random_permutation(dim: int, seed: int = 12345, signs: bool = False, strength: float = 1.0) -> torch.Tensor:
     """A random permutation matrix; with ``signs``, each coordinate's sign is also flipped with
-    probability 1/2 (a signed permutation)."""
+    probability 1/2 (a signed permutation). With ``strength`` < 1 only ``round(strength * dim)``
+    random coordinates are permuted (and sign-flipped) among themselves."""
     g = torch.Generator().manual_seed(seed)
-    m = torch.eye(dim)[torch.randperm(dim, generator=g)]
+    n = _n_mixed(dim, strength)
+    if n >= dim:
+        m = torch.eye(dim)[torch.randperm(dim, generator=g)]
+        if signs:
+            m = m * torch.where(torch.rand(dim, generator=g) < 0.5, -1.0, 1.0).unsqueeze(0)
+        return m
+    idx = torch.randperm(dim, generator=g)[:n]
+    order = torch.arange(dim)
+    order[idx] = idx[torch.randperm(n, generator=g)]
+    m = torch.eye(dim)[order]
     if signs:
-        m = m * torch.where(torch.rand(dim, generator=g) < 0.5, -1.0, 1.0).unsqueeze(0)
+        flip = torch.ones(dim)
+        flip[idx] = torch.where(torch.rand(n, generator=g) < 0.5, -1.0, 1.0)
+        m = m * flip.unsqueeze(0)
     return m
 
 
 def rotate(target, strength: float = 1.0, seed: int = 12345, dim: int | None = None, **_):
-    """The thief's own random rotation of the embedding space (``strength`` unused)."""
+    """The thief's own random rotation of the embedding space (of a fraction ``strength`` of its
+    dimensions; 1: a full random rotation)."""
     d = dim or _dim_of(target)
-    return TransformedEmbedder(target, random_rotation(d, seed), "rotate")
+    return TransformedEmbedder(target, random_rotation(d, seed, strength), "wm-rotate")
 
 
 def permute(target, strength: float = 1.0, seed: int = 12345, dim: int | None = None, signs: bool = False, **_):
-    """The thief's own random permutation of the coordinates (``signs``: and random sign flips)."""
+    """The thief's own random permutation of the coordinates (``signs``: and random sign flips; of a
+    fraction ``strength`` of the coordinates, 1: all)."""
     d = dim or _dim_of(target)
-    return TransformedEmbedder(target, random_permutation(d, seed, signs), "signed-permute" if signs else "permute")
+    return TransformedEmbedder(target, random_permutation(d, seed, signs, strength),
+                               "wm-signed-permute" if signs else "wm-permute")
 
 
 def noise(target, strength: float, seed: int = 0, **_):
@@ -263,11 +318,11 @@ def dim_removal(target, strength: int, public: ReferenceSample | None = None, **
     e = F.normalize(e, dim=-1)
     d = e.shape[1]
     if k <= 0:
-        return TransformedEmbedder(target, torch.eye(d), "dim-removal-0")
+        return TransformedEmbedder(target, torch.eye(d), "wm-dim-removal-0")
     _, _, vt = torch.linalg.svd(e - e.mean(0), full_matrices=False)
     top = vt[:k]
     proj = torch.eye(d) - top.T @ top
-    return TransformedEmbedder(target, proj, f"dim-removal-{k}")
+    return TransformedEmbedder(target, proj, f"wm-dim-removal-{k}")
 
 
 def _dim_of(target) -> int:
@@ -279,12 +334,6 @@ def _dim_of(target) -> int:
     if base is not None:
         return _dim_of(base)
     raise IPShieldError("cannot tell the embedding size of the attack target", "pass dim=")
-
-
-ATTACKS.register("wm-rotate")(rotate)
-ATTACKS.register("wm-permute")(permute)
-ATTACKS.register("wm-noise")(noise)
-ATTACKS.register("wm-dim-removal")(dim_removal)
 
 
 # ------------------------------------------------------------------------------ weight-level attacks
@@ -334,15 +383,6 @@ def finetune(student, strength: int, public: ReferenceSample | None = None, lr: 
     return s
 
 
-ATTACKS.register("wm-prune")(prune)
-ATTACKS.register("wm-finetune")(finetune)
-
-
-def apply_attack(name: str, target, strength, **kw):
-    """Run a registered watermark attack by name."""
-    return ATTACKS.get(name)(target, strength, **kw)
-
-
 def as_embedder(obj):
     """Adapters become clean encoders; embedders pass through."""
     if hasattr(obj, "embed_images") and hasattr(obj, "embed_texts"):
@@ -350,6 +390,172 @@ def as_embedder(obj):
     return CleanEncoder(obj)
 
 
+# ------------------------------------------------------------------------------ the registered entries
+class RotateConfig(AttackConfig):
+    """``wm-rotate``: one secret random rotation of every embedding."""
+
+    budget_field: ClassVar[str] = "strength"
+
+    strength: float = Field(1.0, le=1, description="fraction of the embedding dimensions the rotation mixes (1: all)")
+    seed: int = 12345
+    dim: int | None = Field(None, ge=1, description="embedding size (default: read from the target)")
+
+
+class PermuteConfig(AttackConfig):
+    """``wm-permute`` / ``wm-signed-permute``: one secret permutation of the coordinates (with sign
+    flips for the signed one)."""
+
+    budget_field: ClassVar[str] = "strength"
+
+    strength: float = Field(1.0, le=1, description="fraction of the coordinates permuted (1: all)")
+    seed: int = 12345
+    dim: int | None = Field(None, ge=1, description="embedding size (default: read from the target)")
+
+
+class NoiseConfig(AttackConfig):
+    """``wm-noise``: fresh Gaussian noise on every answer."""
+
+    budget_field: ClassVar[str] = "strength"
+
+    strength: float = Field(1.0, description="expected norm of the noise added to each unit embedding")
+    seed: int = 0
+
+
+class DimRemovalConfig(AttackConfig):
+    """``wm-dim-removal``: the top principal directions of the thief's own embeddings projected out."""
+
+    budget_field: ClassVar[str] = "strength"
+
+    strength: int = Field(8, description="principal directions removed")
+
+
+class PruneConfig(AttackConfig):
+    """``wm-prune``: global magnitude pruning of the student's linear weights."""
+
+    budget_field: ClassVar[str] = "strength"
+
+    strength: float = Field(0.3, lt=1, description="fraction of the linear weights set to zero")
+
+
+class WMFinetuneConfig(AttackConfig):
+    """``wm-finetune``: contrastive fine-tuning of the student on public image-caption pairs."""
+
+    budget_field: ClassVar[str] = "strength"
+
+    strength: int = Field(100, description="fine-tuning steps")
+    lr: float = 1e-4
+    batch_size: int = 64
+    seed: int = 0
+
+
+def _embedder_target(name: str, target):
+    return as_embedder(check_target(name, "embedder", target))
+
+
+def _weights_target(name: str, target):
+    """The CLIP adapter behind ``target`` (an adapter, or a ``CleanEncoder`` of one)."""
+    check_target(name, "embedder", target)
+    if hasattr(target, "encode_image") and hasattr(target, "model"):
+        return target, False
+    inner = getattr(target, "adapter", None)
+    if inner is not None and hasattr(inner, "encode_image") and hasattr(inner, "model"):
+        return inner, True
+    raise IPShieldError(f"attack '{name}' changes the model's weights; {type(target).__name__} is a black-box embedder",
+                        "give the student's CLIP adapter (load_clip) or a CleanEncoder of it")
+
+
+def _need_public(name: str, public) -> ReferenceSample:
+    if public is None:
+        raise IPShieldError(f"attack '{name}' needs public image-caption pairs", "pass public=ReferenceSample "
+                            "(e.g. ipshield.watermark.base.reference_from_synthetic)")
+    return public
+
+
+@ATTACKS.register("wm-rotate", config=RotateConfig, target="embedder", budget="strength",
+                  description="a secret random rotation of every embedding (both modalities)")
+def run_rotate(target, config: RotateConfig | Mapping[str, Any] | None = None, *, public: ReferenceSample | None = None) -> dict:
+    cfg = as_config(RotateConfig, config)
+    emb = _embedder_target("wm-rotate", target)
+    return {"attack": "wm-rotate", "strength": cfg.strength, "model": rotate(emb, cfg.strength, cfg.seed, cfg.dim)}
+
+
+@ATTACKS.register("wm-permute", config=PermuteConfig, target="embedder", budget="strength",
+                  description="a secret permutation of the embedding coordinates")
+def run_permute(target, config: PermuteConfig | Mapping[str, Any] | None = None, *, public: ReferenceSample | None = None) -> dict:
+    cfg = as_config(PermuteConfig, config)
+    emb = _embedder_target("wm-permute", target)
+    return {"attack": "wm-permute", "strength": cfg.strength, "model": permute(emb, cfg.strength, cfg.seed, cfg.dim)}
+
+
+@ATTACKS.register("wm-signed-permute", config=PermuteConfig, target="embedder", budget="strength",
+                  description="a secret permutation of the embedding coordinates with random sign flips")
+def run_signed_permute(target, config: PermuteConfig | Mapping[str, Any] | None = None, *,
+                       public: ReferenceSample | None = None) -> dict:
+    cfg = as_config(PermuteConfig, config)
+    emb = _embedder_target("wm-signed-permute", target)
+    return {"attack": "wm-signed-permute", "strength": cfg.strength,
+            "model": permute(emb, cfg.strength, cfg.seed, cfg.dim, signs=True)}
+
+
+@ATTACKS.register("wm-noise", config=NoiseConfig, target="embedder", budget="strength",
+                  description="fresh Gaussian noise of norm about strength on every answer")
+def run_noise(target, config: NoiseConfig | Mapping[str, Any] | None = None, *, public: ReferenceSample | None = None) -> dict:
+    cfg = as_config(NoiseConfig, config)
+    emb = _embedder_target("wm-noise", target)
+    return {"attack": "wm-noise", "strength": cfg.strength, "model": noise(emb, cfg.strength, cfg.seed)}
+
+
+@ATTACKS.register("wm-dim-removal", config=DimRemovalConfig, target="embedder", budget="strength",
+                  description="the top principal directions of the thief's public embeddings projected out")
+def run_dim_removal(target, config: DimRemovalConfig | Mapping[str, Any] | None = None, *, public: ReferenceSample) -> dict:
+    cfg = as_config(DimRemovalConfig, config)
+    emb = _embedder_target("wm-dim-removal", target)
+    d = _dim_of(emb) if _has_dim(emb) else None
+    if d is not None and cfg.strength >= d:
+        raise ConfigError(f"strength={cfg.strength} directions to remove, but the embeddings have only {d}",
+                          f"use a strength below {d}")
+    return {"attack": "wm-dim-removal", "strength": cfg.strength,
+            "model": dim_removal(emb, cfg.strength, public=_need_public("wm-dim-removal", public))}
+
+
+@ATTACKS.register("wm-prune", config=PruneConfig, target="embedder", budget="strength",
+                  description="global magnitude pruning of a fraction strength of the student's linear weights")
+def run_prune(target, config: PruneConfig | Mapping[str, Any] | None = None, *, public: ReferenceSample | None = None) -> dict:
+    cfg = as_config(PruneConfig, config)
+    adapter, wrapped = _weights_target("wm-prune", target)
+    pruned = prune(adapter, cfg.strength)
+    return {"attack": "wm-prune", "strength": cfg.strength, "model": CleanEncoder(pruned) if wrapped else pruned}
+
+
+@ATTACKS.register("wm-finetune", config=WMFinetuneConfig, target="embedder", budget="strength",
+                  description="contrastive fine-tuning of the student on public pairs for strength steps")
+def run_wm_finetune(target, config: WMFinetuneConfig | Mapping[str, Any] | None = None, *, public: ReferenceSample) -> dict:
+    cfg = as_config(WMFinetuneConfig, config)
+    adapter, wrapped = _weights_target("wm-finetune", target)
+    tuned = finetune(adapter, cfg.strength, public=_need_public("wm-finetune", public), lr=cfg.lr,
+                     batch_size=cfg.batch_size, seed=cfg.seed)
+    return {"attack": "wm-finetune", "strength": cfg.strength, "model": CleanEncoder(tuned) if wrapped else tuned}
+
+
+def _has_dim(target) -> bool:
+    try:
+        _dim_of(target)
+    except IPShieldError:
+        return False
+    return True
+
+
+def apply_attack(name: str, target, strength, **kw):
+    """Run the registered attack ``name`` on ``target`` with its budget set to ``strength`` and
+    return the attacked target. ``kw``: fields of its config (``seed=``, ``dim=``) and its inputs
+    (``public=``), told apart by the config class."""
+    spec = ATTACKS.get(name)
+    fields = set(spec.config.model_fields)
+    cfg = spec.make_config({spec.budget: strength, **{k: v for k, v in kw.items() if k in fields}})
+    return spec.run(target, cfg, **{k: v for k, v in kw.items() if k not in fields})["model"]
+
+
 __all__ = ["ExtractConfig", "extract_student", "save_student", "query_service", "rotate", "permute", "noise",
            "dim_removal", "prune", "finetune", "apply_attack", "as_embedder", "TransformedEmbedder", "NoisyEmbedder",
-           "random_rotation", "random_permutation"]
+           "random_rotation", "random_permutation", "RotateConfig", "PermuteConfig", "NoiseConfig", "DimRemovalConfig",
+           "PruneConfig", "WMFinetuneConfig"]

@@ -37,7 +37,14 @@ DOMAINS = ("mnist", "usps", "mnistm")
 ALL_PAIRS = tuple((a, b) for a in DOMAINS for b in DOMAINS if a != b)
 #: the methods of the issue's table (the default) and every method the benchmark can run
 DEFAULT_METHODS = ("sa-map", "sf-map", "df-map", "ntl", "cuti")
-ALL_METHODS = DEFAULT_METHODS + ("ntl-tf",)
+
+
+def classifier_methods() -> tuple[str, ...]:
+    """Every registered classifier method (the default ones first): what ``--methods`` accepts."""
+    from ipshield.registry import METHODS
+
+    others = sorted(s.name for s in METHODS.specs() if s.model == "classifier" and s.name not in DEFAULT_METHODS)
+    return DEFAULT_METHODS + tuple(others)
 
 
 class DigitsBenchConfig(BaseConfig):
@@ -140,8 +147,8 @@ class DigitsBench:
         self.root = root
         self.log = log
         for m in config.methods:
-            if m not in ALL_METHODS:
-                raise ConfigError(f"unknown benchmark method '{m}'", f"choose among {', '.join(ALL_METHODS)}")
+            if m not in classifier_methods():
+                raise ConfigError(f"unknown benchmark method '{m}'", f"choose among {', '.join(classifier_methods())}")
         self.computed: list[str] = []  # cells computed in this call (the rest were reused)
         self._domains = None
         self._sources: dict[str, Any] = {}
@@ -228,18 +235,20 @@ class DigitsBench:
 
         targets = [tgt]
         key = f"{method}__{src}__{tgt}"
-        if "target" not in METHODS.get(method).needs:  # no unauthorized data: one run per source, evaluated on every target
+        if "unauthorized" not in METHODS.get(method).data:  # no unauthorized data: one run per source, evaluated on every target
             targets = sorted({b for a, b in self.cfg.pairs if a == src}, key=DOMAINS.index)
             key = f"{method}__{src}__{'+'.join(targets)}"
 
         def compute() -> dict:
-            spec = METHODS.get(method)
+            from ipshield import jobs
+
             cfg = self.method_config(method)
             kw = {}
             if method in ("sf-map", "df-map"):
                 kw["pseudo_source"] = self.pseudo_source(src)
-            metrics = spec.run(cfg, self.source(src), self.domains[src], [self.domains[t] for t in targets],
-                               self.out / "models" / key, **kw)
+            metrics = jobs.protect(method, domains={d: self.domains[d] for d in (src, *targets)}, authorized=src,
+                                   unauthorized=targets, out=self.out / "models" / key, model=self.source(src),
+                                   config=cfg, options=kw, overwrite=True, verbose=False)
             metrics.pop("history", None)
             return {"cell": key, "model_dir": str(Path("models") / key), **metrics}
 
@@ -265,10 +274,13 @@ class DigitsBench:
         key = f"ownership__{method}__{src}"
 
         def compute() -> dict:
-            spec = METHODS.get(method)
-            cfg = spec.make_config({**self.method_config(method).to_dict(), "scenario": "ownership"})
+            from ipshield import jobs
+
+            cfg = self.method_config(method)
             kw = {"pseudo_source": self.pseudo_source(src)} if method in ("sf-map", "df-map") else {}
-            metrics = spec.run(cfg, self.source(src), self.domains[src], [], self.out / "models" / key, **kw)
+            metrics = jobs.protect(method, domains={src: self.domains[src]}, authorized=src, out=self.out / "models" / key,
+                                   model=self.source(src), config=cfg, scenario="ownership", options=kw, overwrite=True,
+                                   verbose=False)
             metrics.pop("history", None)
             return {"cell": key, "model_dir": str(Path("models") / key), **metrics}
 

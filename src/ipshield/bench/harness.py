@@ -12,8 +12,8 @@ harness runs every cell (method x pair x seed) once:
   ``runner(cell: Cell) -> dict`` returning metrics in the CONTRACTS ``metrics.json`` schema
   (``method, authorized, unauthorized, n_classes, accuracy{before, after}, summary, ...extra``);
 - at the end (and on every rerun) it writes ``results.csv`` (one row per cell), ``summary.csv`` and
-  ``results.md`` (per method: mean and std over seeds) and ``report.html``
-  (:mod:`ipshield.report.html`).
+  ``results.md`` (per method: mean and std over seeds); ``report.html`` is written by the report
+  layer through ``run_suite``'s ``on_finished`` hook (the CLI and ``api.run_suite`` pass it).
 
 Built-in suites are YAML files in ``ipshield/configs/suites/`` (``embedded``, ``digits``,
 ``digits-clip``, ``smoke``); a path to any YAML file works the same way.
@@ -57,6 +57,27 @@ CellRunner = Callable[["Cell"], dict]
 CELL_RUNNERS: dict[str, CellRunner] = {}
 #: runners that use the CLIP adapter (the rest use image classifiers)
 CLIP_RUNNERS: set[str] = set()
+
+
+def runner_for(name: str) -> tuple[CellRunner, bool] | None:
+    """The cell runner of ``name`` and whether it uses the CLIP: a benchmark-only runner of
+    :data:`CELL_RUNNERS` (``source``, ``zero-shot``, ``coop``, ...) first, else any method of the
+    ``METHODS`` registry (CLIP methods through :func:`method_cell`, classifier methods through the
+    digits benchmark). None when ``name`` is neither."""
+    if name in CELL_RUNNERS:
+        return CELL_RUNNERS[name], name in CLIP_RUNNERS
+    from ipshield.registry import METHODS
+
+    if name in METHODS:
+        spec = METHODS.get(name)
+        return (method_cell, True) if spec.model == "clip" else (_digits_cell, False)
+    return None
+
+
+def runner_names() -> list[str]:
+    from ipshield.registry import METHODS
+
+    return sorted(set(CELL_RUNNERS) | set(METHODS.names()))
 
 
 def register_cell(name: str, clip: bool = False) -> Callable[[CellRunner], CellRunner]:
@@ -193,6 +214,19 @@ def builtin_suites() -> dict[str, Path]:
     return {p.stem: p for p in sorted(SUITES_DIR.glob("*.yaml"))}
 
 
+def _register_builtin_suites() -> None:
+    """Each built-in suite YAML is an entry of the ``SUITES`` registry (``ipshield bench run NAME``);
+    a suite is data, so adding one is adding its YAML file."""
+    import functools
+
+    from ipshield.registry import SUITES, SuiteSpec
+
+    for name, path in builtin_suites().items():
+        if name not in SUITES._entries:
+            SUITES.add(SuiteSpec(name=name, module=__name__, run=functools.partial(run_suite, path),
+                                 description=f"suite {path.name} of the harness"))
+
+
 def resolve_suite(suite: str | Path | SuiteConfig, overrides: list[str] | None = None) -> SuiteConfig:
     """A built-in suite name, a YAML path, or a ``SuiteConfig`` -> validated ``SuiteConfig``."""
     if isinstance(suite, SuiteConfig):
@@ -313,7 +347,9 @@ class SuiteContext:
     def digits_bench(self, seed: int):
         """The ``DigitsBench`` of this seed (sources, pseudo-source data and its cells are cached)."""
         if seed not in self._digits:
-            from ipshield.bench.digits import ALL_METHODS, DigitsBench, DigitsBenchConfig
+            from ipshield.bench.digits import DigitsBench, DigitsBenchConfig, classifier_methods
+
+            ALL_METHODS = classifier_methods()
 
             opts = dict(self.suite.digits)
             root = opts.pop("root", None) or self.suite.data.get("root")
@@ -336,9 +372,10 @@ def cell_hash(suite: SuiteConfig, entry: MethodEntry) -> str:
     """What a cell's result depends on besides its pair and seed."""
     runner = entry.runner_name
     parts: dict[str, Any] = {"runner": runner, "config": entry.config, "source": suite.source, "data": suite.data}
-    if runner in CLIP_RUNNERS:
+    found = runner_for(runner)
+    if found is not None and found[1]:
         parts.update(model=suite.model, preset=suite.clip_preset, domains=suite.domain_list())
-        if runner in ("ip-clip", "ntl-prompt"):
+        if runner not in ("zero-shot", "coop"):
             parts["coop"] = next((m.config for m in suite.methods if m.runner_name == "coop"), {})
     else:
         parts["digits"] = suite.digits
@@ -347,13 +384,13 @@ def cell_hash(suite: SuiteConfig, entry: MethodEntry) -> str:
 
 def plan_cells(suite: SuiteConfig, out: Path, ctx: SuiteContext) -> list[tuple[Cell, str]]:
     """Every cell of the suite with its definition hash, in run order (seed, pair, method)."""
-    unknown = sorted({m.runner_name for m in suite.methods if m.runner_name not in CELL_RUNNERS})
+    unknown = sorted({m.runner_name for m in suite.methods if runner_for(m.runner_name) is None})
     if unknown:
         raise ConfigError(f"suite '{suite.name}': unknown method runner(s) {unknown}",
-                          f"choose among {', '.join(sorted(CELL_RUNNERS))} (set 'runner:' for a renamed method)")
+                          f"choose among {', '.join(runner_names())} (set 'runner:' for a renamed method)")
     emb = suite.embedding_map
     if emb is None:
-        emb = next((m.name for m in suite.methods if m.runner_name in CLIP_RUNNERS and m.runner_name != "zero-shot"), None)
+        emb = next((m.name for m in suite.methods if runner_for(m.runner_name)[1] and m.runner_name != "zero-shot"), None)
     cells = []
     first_pair = suite.pair_list()[0]
     for seed in suite.seeds:
@@ -383,11 +420,15 @@ class SuiteResult:
 
 def run_suite(suite: str | Path | SuiteConfig, out: str | Path, overrides: list[str] | None = None,
               log: Callable[[str], None] | None = None, show_progress: bool = True, verbose: bool = False,
-              report: bool = True, watermark_run: str | Path | None = None, keep_going: bool = True) -> SuiteResult:
+              keep_going: bool = True, on_finished: Callable[[Path], Path | None] | None = None) -> SuiteResult:
     """Run (or resume) ``suite`` into the folder ``out``; returns what was computed and reused.
 
     ``keep_going``: a cell that fails with an unexpected error is logged (``cells/<key>.error.txt``)
     and skipped, the other cells still run; a user mistake (``IPShieldError``) stops the run.
+
+    ``on_finished(out)`` is called once the tables are written (before ``run.json`` is finished);
+    what it returns is ``SuiteResult.report``. The harness writes no HTML report itself: the
+    report layer's ``run_suite_with_report`` passes its writer here.
     """
     from rich.console import Console
 
@@ -406,7 +447,7 @@ def run_suite(suite: str | Path | SuiteConfig, out: str | Path, overrides: list[
     if not verbose:  # the methods' own tqdm bars would break the progress display
         os.environ["IPSHIELD_QUIET"] = "1"
     try:
-        return _run_cells(cfg, out, ctx, cells, run, log, console, show_progress, report, watermark_run, keep_going, t0)
+        return _run_cells(cfg, out, ctx, cells, run, log, console, show_progress, on_finished, keep_going, t0)
     finally:
         if quiet_before is None:
             os.environ.pop("IPSHIELD_QUIET", None)
@@ -414,7 +455,7 @@ def run_suite(suite: str | Path | SuiteConfig, out: str | Path, overrides: list[
             os.environ["IPSHIELD_QUIET"] = quiet_before
 
 
-def _run_cells(cfg, out, ctx, cells, run, log, console, show_progress, report, watermark_run, keep_going, t0) -> SuiteResult:
+def _run_cells(cfg, out, ctx, cells, run, log, console, show_progress, on_finished, keep_going, t0) -> SuiteResult:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     result = SuiteResult(out=out, cells=[])
@@ -459,10 +500,8 @@ def _run_cells(cfg, out, ctx, cells, run, log, console, show_progress, report, w
             progress.advance(task)
     write_tables(out, result.cells, cfg)
     result.seconds = round(time.time() - t0, 1)
-    if report:
-        from ipshield.report.html import write_report
-
-        result.report = write_report(out, watermark_run=watermark_run)
+    if on_finished is not None:
+        result.report = on_finished(out)
     run.save_metrics({"suite": cfg.name, "cells": len(cells), "computed": result.computed, "reused": len(result.reused),
                       "failed": result.failed, "seconds_this_call": result.seconds}, "metrics.json")
     run.finish(seconds_this_call=result.seconds, failed=len(result.failed))
@@ -484,7 +523,7 @@ def _compute(cell: Cell, digest: str) -> dict:
     seed_everything(cell.seed)
     cell.out.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
-    metrics = CELL_RUNNERS[cell.runner](cell)
+    metrics = runner_for(cell.runner)[0](cell)
     for k in ("method", "authorized", "unauthorized", "accuracy"):
         if k not in metrics:
             raise ValueError(f"cell runner '{cell.runner}' returned no '{k}' (metrics.json schema)")
@@ -526,8 +565,9 @@ ROW_METRICS: list[tuple[str, str, int, bool | None]] = [
 ]
 
 
-def _directions() -> dict[str, bool | None]:
-    """Directions from ``ipshield.metrics`` (each function's ``higher_is_better``)."""
+def metric_directions() -> dict[str, bool | None]:
+    """Whether higher is better for each table column (True/False; None: neither), from
+    ``ROW_METRICS`` and ``ipshield.metrics`` (each function's ``higher_is_better``)."""
     from ipshield import metrics as M
 
     d = {k: v for k, _h, _n, v in ROW_METRICS}
@@ -602,7 +642,7 @@ def _arrow(direction: bool | None) -> str:
 
 
 def markdown_tables(rows: list[dict], suite: SuiteConfig | None = None) -> str:
-    dirs = _directions()
+    dirs = metric_directions()
     head_cols = [f"{h}{_arrow(dirs.get(k))}" for k, h, _n, _d in ROW_METRICS]
     seeds = sorted({r.get("seed") for r in rows}, key=lambda s: (s is None, s))
     title = suite.name if suite else "benchmark"
@@ -728,51 +768,29 @@ def coop_cell(cell: Cell) -> dict:
     return metrics
 
 
-def _prompt_cell(cell: Cell, kind: str) -> dict:
-    from ipshield.protect.ipclip import accuracy_on_sets, evaluation_sets
-    from ipshield.protect.ipclip_run import build_metrics
-    from ipshield.protect.zeroshot import ZeroShotClassifier
+def method_cell(cell: Cell) -> dict:
+    """Any registered CLIP method (ip-clip, ntl-prompt, ...) through ``jobs.protect``, with the
+    suite's cached CoOp as the reference; the cell's pair is summarised."""
+    from ipshield import jobs
+    from ipshield.registry import METHODS
 
-    adapter = cell.ctx.adapter
+    spec = METHODS.get(cell.runner)
     doms = _eval_domains(cell)
-    if kind == "ip-clip":
-        from ipshield.protect.ipclip import IPCLIPConfig, train_ipclip
-
-        cfg = cell.method_config(IPCLIPConfig)
-        cfg = cfg.check() if hasattr(cfg, "check") else cfg
-        train = train_ipclip
-    else:
-        from ipshield.protect.ntl_prompt import NTLPromptConfig, train_ntl_prompt
-
-        cfg = cell.method_config(NTLPromptConfig)
-        train = train_ntl_prompt
-    train_u = [cell.unauthorized] if cfg.scenario == "target-specified" else []
-    _auth_set, sets = evaluation_sets(doms, cell.authorized, cfg.scenario)
-    zs = ZeroShotClassifier(adapter, doms[cell.authorized].classes)
+    cfg = cell.method_config(spec.config)
     coop = cell.ctx.coop(cell.authorized, cell.seed)
-    refs = {"zero-shot": accuracy_on_sets(zs, sets, adapter), "coop": accuracy_on_sets(coop, sets, adapter)}
-    model = train(adapter, doms[cell.authorized], [doms[u] for u in train_u], cfg, verbose=cell.ctx.verbose)
-    after = accuracy_on_sets(model, sets, adapter)
-    if hasattr(model, "save"):
-        model.save(cell.out)
-    metrics = build_metrics(kind, cfg.scenario, doms, cell.authorized, train_u, refs, after, train_unauthorized=train_u)
-    if cfg.scenario == "target-specified":  # summarise exactly this cell's pair
+    scenario = spec.check_scenario(getattr(cfg, "scenario", None))
+    options: dict[str, Any] = {"coop": coop}
+    metrics = jobs.protect(spec.name, domains=doms, authorized=cell.authorized,
+                           unauthorized=[cell.unauthorized] if scenario == "target-specified" else [],
+                           out=cell.out, model=cell.ctx.adapter, config=cfg, options=options, overwrite=True,
+                           verbose=cell.ctx.verbose)
+    if scenario == "target-specified":  # summarise exactly this cell's pair
         metrics["unauthorized"] = [cell.unauthorized]
-    if cell.embedding_map:
-        metrics["embedding_map"] = save_embedding_map(cell, coop, model, "coop", kind)
+    for k in ("timing", "selection"):
+        metrics.pop(k, None)
+    if cell.embedding_map and "trained_model" in options:
+        metrics["embedding_map"] = save_embedding_map(cell, coop, options["trained_model"], "coop", spec.name)
     return metrics
-
-
-@register_cell("ip-clip", clip=True)
-def ipclip_cell(cell: Cell) -> dict:
-    """IP-CLIP (scenario from its config); before = CoOp trained on the authorized domain."""
-    return _prompt_cell(cell, "ip-clip")
-
-
-@register_cell("ntl-prompt", clip=True)
-def ntl_prompt_cell(cell: Cell) -> dict:
-    """Prompt learning with the NTL objective; before = CoOp."""
-    return _prompt_cell(cell, "ntl-prompt")
 
 
 def _digits_cell(cell: Cell) -> dict:
@@ -799,16 +817,6 @@ def _attack_dict(a: dict, bench) -> dict:
     out["attack_steps"] = bench.cfg.attack_steps
     out["shot_steps"] = bench.cfg.shot_steps
     return out
-
-
-def _register_digits_cells() -> None:
-    from ipshield.bench.digits import ALL_METHODS
-
-    for name in ALL_METHODS:
-        register_cell(name)(_digits_cell)
-
-
-_register_digits_cells()
 
 
 @register_cell("source")
@@ -884,3 +892,6 @@ def save_embedding_map(cell: Cell, before_model, after_model, before_name: str, 
                         label=np.asarray(labels, dtype=np.int16))
     return {"file": str(path.relative_to(cell.ctx.out)), "domains": [cell.authorized, cell.unauthorized],
             "before_name": before_name, "after_name": after_name, "representation": "normalised class-logit profile, 2-D PCA"}
+
+
+_register_builtin_suites()

@@ -30,6 +30,7 @@ import numpy as np
 
 from ipshield.config import BaseConfig
 from ipshield.runs import write_json
+from ipshield.registry import SUITES
 
 
 #: the schemes the benchmark knows, in table order
@@ -364,17 +365,17 @@ class WatermarkBench:
                          "p": {k: t.p_value for k, t in rep.tests.items()}})
 
         add("none", 0, base)
-        add("rotate", 1, rotate(base, dim=dim))
-        add("permute", 1, permute(base, dim=dim))
-        add("signed-permute", 1, permute(base, dim=dim, signs=True))
+        add("wm-rotate", 1, rotate(base, dim=dim))
+        add("wm-permute", 1, permute(base, dim=dim))
+        add("wm-signed-permute", 1, permute(base, dim=dim, signs=True))
         for s in self.cfg.noise_levels:
-            add("noise", s, noise(base, s))
+            add("wm-noise", s, noise(base, s))
         for k in self.cfg.dim_removal:
-            add("dim-removal", k, dim_removal(base, k, public=public))
+            add("wm-dim-removal", k, dim_removal(base, k, public=public))
         for a in self.cfg.prune_levels:
-            add("prune", a, CleanEncoder(prune(st, a)))
+            add("wm-prune", a, CleanEncoder(prune(st, a)))
         for n in self.cfg.finetune_steps:
-            add("finetune", n, CleanEncoder(finetune(st, n, public=public)))
+            add("wm-finetune", n, CleanEncoder(finetune(st, n, public=public)))
         return {"rows": rows}
 
     def identification(self, scheme: str) -> dict:
@@ -441,7 +442,7 @@ class WatermarkBench:
         for scheme in (s for s in SCHEMES if s in res):
             rows = res[scheme]["attacks"]
             base_acc = next((r["zero_shot_mean"] for r in rows if r["attack"] == "none"), None)
-            kinds = [k for k in ("noise", "dim-removal", "prune") if any(r["attack"] == k for r in rows)]
+            kinds = [k for k in ("wm-noise", "wm-dim-removal", "wm-prune") if any(r["attack"] == k for r in rows)]
             fig, axes = plt.subplots(1, len(kinds), figsize=(4.5 * len(kinds), 3.4))
             axes = [axes] if len(kinds) == 1 else list(axes)
             for ax, kind in zip(axes, kinds):
@@ -450,7 +451,7 @@ class WatermarkBench:
                 ps = [max(r["p_value"], 1e-300) if r["p_value"] is not None else 1.0 for r in rr]
                 ax.plot(xs, [-np.log10(p) for p in ps], "o-", color="C0", label="-log10 p (combined)")
                 ax.axhline(-np.log10(self.cfg.alpha), color="C0", ls=":", lw=1)
-                ax.set_xlabel(kind + (" (noise norm)" if kind == "noise" else " (directions)" if kind == "dim-removal" else " (fraction)"))
+                ax.set_xlabel(kind + (" (noise norm)" if kind == "wm-noise" else " (directions)" if kind == "wm-dim-removal" else " (fraction)"))
                 ax.set_ylabel("-log10 p", color="C0")
                 ax2 = ax.twinx()
                 ax2.plot(xs, [r["zero_shot_mean"] for r in rr], "s--", color="C1", label="thief zero-shot")
@@ -547,6 +548,7 @@ def results_markdown(res: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+@SUITES.register("watermark", description="every watermark scheme against the extraction attack and its variants")
 def run_watermark_bench(out: str | Path, config: WatermarkBenchConfig | None = None, model: str | Path | None = None,
                         log: Callable[[str], None] = print) -> dict:
     return WatermarkBench(out, config or WatermarkBenchConfig(), model, log).run()

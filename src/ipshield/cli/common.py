@@ -7,7 +7,11 @@ from typing import Optional
 
 import typer
 
-SourceOpt = typer.Option("synthetic", "--source", help="data source: synthetic (embedded default), digits, folder")
+def source_help(default: str) -> str:
+    return f"data source: synthetic (the embedded default), digits, folder (default {default}); `ipshield data info` lists its domains"
+
+
+SourceOpt = typer.Option("synthetic", "--source", help=source_help("synthetic"))
 RootOpt = typer.Option(None, "--root", help="data root for digits (else $IPSHIELD_DIGITS) or image folders")
 DomainsOpt = typer.Option(None, "--domains", help="comma-separated domain names (default: all of the source)")
 ConfigOpt = typer.Option(None, "--config", help="YAML file with the method's config")
@@ -22,15 +26,19 @@ def split_names(names: Optional[str]) -> Optional[list[str]]:
 
 
 def load_source(source: str, root: Optional[Path], domains: Optional[str], extra: Optional[list[str]] = None) -> dict:
-    """Load the domains of a source; ``extra`` names (authorized/unauthorized) are included."""
-    from ipshield.data.sources import load_domains
+    """Load the domains ``domains`` of a source (default: every domain the source offers, e.g. every
+    archive of a digits folder); ``extra`` names (authorized/unauthorized) are included."""
+    from ipshield.data.sources import load_domains, source_domains
 
-    names = split_names(domains)
-    if names is not None and extra:
-        names = list(dict.fromkeys(list(extra) + names))
     opts = {}
     if root is not None:
         opts["root"] = root
+    names = split_names(domains)
+    if names is None:
+        names = source_domains(source, **opts) or None
+    if names is not None and extra:
+        offered = {n.lower() for n in names}
+        names = list(names) + [e for e in extra if e.lower() not in offered]
     return load_domains(source, names, **opts)
 
 

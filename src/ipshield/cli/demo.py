@@ -1,4 +1,4 @@
-"""`ipshield protect coop`, `ipshield demo`."""
+"""`ipshield demo`."""
 
 from __future__ import annotations
 
@@ -7,32 +7,7 @@ from typing import Optional
 
 import typer
 
-from ipshield.cli import app, protect_app
-from ipshield.cli.common import ConfigOpt, DomainsOpt, ModelOpt, RootOpt, SetOpt, SourceOpt, load_source, match_domain, resolve_model
-
-
-@protect_app.command("coop")
-def protect_coop(
-    authorized: str = typer.Option(..., "--authorized", help="domain the prompt is learned on"),
-    out: Path = typer.Option(..., "--out", help="run folder"),
-    model: Optional[Path] = ModelOpt,
-    source: str = SourceOpt,
-    root: Optional[Path] = RootOpt,
-    domains: Optional[str] = DomainsOpt,
-    config: Optional[Path] = ConfigOpt,
-    set_: Optional[list[str]] = SetOpt,
-):
-    """CoOp prompt learning (the unprotected prompt-learned reference), evaluated on every domain."""
-    from ipshield.protect.coop import CoOpConfig, run_coop
-    from ipshield.report.tables import print_accuracy_table
-
-    cfg = CoOpConfig.from_yaml(config, set_)
-    doms = load_source(source, root, domains, [authorized])
-    auth = match_domain(authorized, doms)
-    adapter = resolve_model(model)
-    m = run_coop(adapter, doms, auth, out, cfg)
-    print_accuracy_table({"zero-shot": m["accuracy"]["before"], "CoOp": m["accuracy"]["after"]}, auth, "accuracy (%)")
-    typer.echo(f"run folder: {out}")
+from ipshield.cli import app
 
 
 @app.command("demo")

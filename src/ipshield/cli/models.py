@@ -8,7 +8,7 @@ from typing import Optional
 import typer
 
 from ipshield.cli import app
-from ipshield.cli.common import ConfigOpt, DomainsOpt, RootOpt, SourceOpt, load_source
+from ipshield.cli.common import ConfigOpt, DomainsOpt, RootOpt, SetOpt, SourceOpt, load_source
 
 
 @app.command("pretrain")
@@ -16,7 +16,9 @@ def pretrain_cmd(
     out: Path = typer.Option(..., "--out", help="run folder; the CLIP is written to OUT/clip"),
     preset: str = typer.Option("default", "--preset", help="default (the model every command uses) or test (quick)"),
     config: Optional[Path] = ConfigOpt,
-    overrides: Optional[list[str]] = typer.Argument(None, help="config overrides key=value, e.g. steps=500"),
+    set_: Optional[list[str]] = SetOpt,
+    overrides: Optional[list[str]] = typer.Argument(None, help="config overrides key=value, e.g. steps=500 "
+                                                    "(the same as --set; kept for older scripts)"),
     evaluate: bool = typer.Option(True, "--eval/--no-eval", help="zero-shot accuracy per domain at the end"),
     use_cache: bool = typer.Option(True, "--cache/--no-cache",
                                    help="a plain preset (no --config, no overrides) is trained into the cache that "
@@ -25,16 +27,24 @@ def pretrain_cmd(
     """Pretrain the small CLIP on captioned synthetic images (plus the real digits of $IPSHIELD_DIGITS in the default preset); writes OUT/clip (a Hugging Face CLIP folder) and OUT/metrics.json."""
     from ipshield.config import read_yaml
     from ipshield.errors import ConfigError
-    from ipshield.models.tiny_clip import PRESETS, PretrainConfig, pretrain, summarize_pretraining
-    from ipshield.report.tables import print_accuracy_table
-    from ipshield.runs import RunDir
+    from ipshield.models.tiny_clip import PRESETS, PretrainConfig
+    from ipshield.runs import RunDir, run_guard
 
     if preset not in PRESETS:
         raise ConfigError(f"unknown preset '{preset}'", f"choose one of: {', '.join(PRESETS)}")
     data = dict(PRESETS[preset])
     data.update(read_yaml(config))
-    cfg = PretrainConfig.build(data, overrides or [])
+    overrides = [*(set_ or []), *(overrides or [])]
+    cfg = PretrainConfig.build(data, overrides)
     run = RunDir(out, "pretrain", cfg, seed=cfg.seed)
+    with run_guard(run):
+        _pretrain_into(run, cfg, preset, config, overrides, evaluate, use_cache)
+
+
+def _pretrain_into(run, cfg, preset, config, overrides, evaluate, use_cache) -> None:
+    from ipshield.models.tiny_clip import pretrain, summarize_pretraining
+    from ipshield.report.tables import print_accuracy_table
+
     if use_cache and config is None and not overrides and evaluate:
         import shutil
 
@@ -69,18 +79,21 @@ def zero_shot_cmd(
     domains: Optional[str] = DomainsOpt,
     template: Optional[list[str]] = typer.Option(None, "--template", help="prompt template with {} for the class (repeatable: ensemble)"),
     backend: str = typer.Option("hf", "--backend", help="hf (transformers) or open_clip"),
-    device: str = typer.Option("cpu", "--device", help="cpu, cuda or auto"),
+    device: str = typer.Option("cpu", "--device", help="auto | cpu | cuda"),
     out: Optional[Path] = typer.Option(None, "--out", help="also write a run folder with metrics.json"),
 ):
     """Zero-shot CLIP accuracy per domain ("a photo of a {class}." by default)."""
     from ipshield.models.clip import load_clip
     from ipshield.models.tiny_clip import small_clip
-    from ipshield.protect.zeroshot import ZeroShotConfig, evaluate_zero_shot, run_zero_shot
+    from ipshield.jobs import run_zero_shot
+    from ipshield.protect.zeroshot import ZeroShotConfig, evaluate_zero_shot
     from ipshield.report.tables import print_accuracy_table
 
     cfg = ZeroShotConfig.build({"templates": list(template)} if template else {})
     path = model if model is not None else small_clip("default")
-    adapter = load_clip(path, backend=backend, device=device)
+    from ipshield.utils import resolve_device
+
+    adapter = load_clip(path, backend=backend, device=str(resolve_device(device)))
     doms = load_source(source, root, domains)
     if out is not None:
         acc = run_zero_shot(adapter, doms, out, cfg, model_path=str(path))["accuracy"]["after"]

@@ -1,29 +1,23 @@
-"""Commands that train source classifiers and protect them (MAP, NTL, CUTI-domain), and the
-attacks on those protections. Heavy imports happen inside the commands."""
+"""``ipshield protect METHOD``: one command per registered protection method and reference, built
+from the ``METHODS`` registry (the same names and options as ``ipshield.api.protect``), and
+``ipshield train-source``. Heavy imports happen inside the commands."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from ipshield.cli import app, attack_app, protect_app
-from ipshield.cli.common import ConfigOpt, RootOpt, SetOpt, load_source, match_domain, split_names
+from ipshield.cli import app, protect_app
+from ipshield.cli.common import (ConfigOpt, DomainsOpt, RootOpt, SetOpt, load_source, match_domain, source_help,
+                                 split_names)
+from ipshield.registry import METHODS, SCENARIOS, MethodSpec
 
-ArchOpt = typer.Option("vgg_small", "--arch", help="classifier architecture: vgg_small, vgg_tiny, resnet_small")
-DigitsSourceOpt = typer.Option("digits", "--source", help="data source: digits (real MNIST/USPS/MNIST-M), synthetic, folder")
-SourceModelOpt = typer.Option(None, "--source-model", help="source classifier folder (from `ipshield train-source`); "
-                                                           "default: train one on the authorized domain into OUT/source")
-AuthOpt = typer.Option(..., "--authorized", help="authorized (source) domain")
-UnauthOpt = typer.Option(None, "--unauthorized", help="comma-separated unauthorized domains (not needed with --scenario ownership)")
-ScenarioOpt = typer.Option("domain", "--scenario", help="domain | ownership (unauthorized = authorized + grid watermark)")
-OutOpt = typer.Option(..., "--out", help="run folder")
-SeedOpt = typer.Option(None, "--seed", help="random seed (overrides the config)")
+OverwriteOpt = typer.Option(False, "--overwrite", help="replace a finished run already in --out")
 
 
-def _print(metrics: dict) -> None:
+def _print_classifier(metrics: dict) -> None:
     s = metrics["summary"]
     typer.echo(f"{metrics['method']}: authorized {metrics['authorized']} {s['acc_a_before']:.1f} -> {s['acc_a_after']:.1f} "
                f"(drop {s['drop_a']:+.1f})")
@@ -43,144 +37,166 @@ def _print(metrics: dict) -> None:
                    f"(chance {k['chance']:.1f} %), nothing to remove (set skip_at_chance=0 to mask anyway)")
 
 
+def _print_clip(m: dict) -> None:
+    from ipshield.report.tables import print_accuracy_table
+
+    if m["method"] == "zero-shot":
+        print_accuracy_table({"zero-shot": m["accuracy"]["after"]}, m.get("authorized"), "zero-shot accuracy (%)")
+        return
+    if "references" not in m:
+        before = "zero-shot" if m.get("reference", "zero-shot") == "zero-shot" else m["reference"]
+        print_accuracy_table({before: m["accuracy"]["before"], "CoOp" if m["method"] == "coop" else m["method"]:
+                              m["accuracy"]["after"]}, m["authorized"], "accuracy (%)")
+        return
+    table = {f"{k} (before)": v for k, v in m["references"].items()}
+    table[f"{m['method']} (after)"] = m["accuracy"]["after"]
+    print_accuracy_table(table, m["authorized"], f"{m['method']} · {m['scenario']} · accuracy (%)")
+    s = m["summary"]
+    keys = ["drop_a", "acc_u_after_mean", "drop_u_mean", "st_d", "gap", "chance_normalised", "balanced_score"]
+    typer.echo("summary vs " + m["reference"] + ": " + ", ".join(
+        f"{k}={s[k]:.3f}" if isinstance(s.get(k), float) else f"{k}={s.get(k)}" for k in keys if k in s))
+
+
+def run_protect(spec: MethodSpec, *, authorized: Optional[str], unauthorized: Optional[str], out: Path,
+                scenario: Optional[str], model: Optional[Path], source: Optional[str], root: Optional[Path],
+                domains: Optional[str], config: Optional[Path], overrides: Optional[list[str]], seed: Optional[int],
+                device: Optional[str], overwrite: bool, no_coop: bool = False, coop_set: Optional[list[str]] = None) -> dict:
+    """What every ``ipshield protect METHOD`` command does: load the domains, call ``jobs.protect``, print."""
+    from ipshield import jobs
+    from ipshield.config import read_yaml
+
+    data = read_yaml(config)
+    if scenario is not None:
+        spec.check_scenario(scenario)  # a clear error before any data is loaded
+    unauth = split_names(unauthorized) or []
+    if spec.model == "clip":
+        doms = load_source(source or "synthetic", root, domains, [n for n in [authorized, *unauth] if n])
+    else:
+        wanted = [n for n in [authorized, *unauth, *(split_names(domains) or [])] if n]
+        doms = load_source(source or "digits", root, ",".join(dict.fromkeys(wanted)) if wanted else None)
+    auth = match_domain(authorized, doms) if authorized else None
+    unauth = [match_domain(u, doms) for u in unauth]
+    options = {}
+    clip = None
+    if spec.model == "clip":
+        from ipshield.cli.common import resolve_model
+        from ipshield.utils import resolve_device
+
+        dev = device or "auto"
+        clip = resolve_model(model, device=str(resolve_device(dev)))
+        if "coop" not in (spec.name,) and not spec.reference:
+            from ipshield.protect.coop import CoOpConfig
+
+            options = {"with_coop": not no_coop, "coop_config": CoOpConfig.build({"device": dev}, coop_set)}
+        if spec.name == "zero-shot":
+            options["model_path"] = str(model) if model else None
+    m = jobs.protect(spec.name, domains=doms, authorized=auth, unauthorized=unauth, out=out,
+                     model=clip if spec.model == "clip" else model, config=data, overrides=overrides, scenario=scenario,
+                     seed=seed, device=device, options=options, overwrite=overwrite)
+    (_print_clip if spec.model == "clip" else _print_classifier)(m)
+    typer.echo(f"run folder: {out}")
+    return m
+
+
+def _make_command(spec: MethodSpec):
+    is_clip = spec.model == "clip"
+    scen = f"{' | '.join(spec.scenarios)} (default {spec.scenarios[0]})" if spec.scenarios else "none (a reference)"
+    needs_auth = bool(spec.data) or bool(spec.scenarios)
+
+    def command(
+        authorized: Optional[str] = typer.Option(None, "--authorized", help="the domain the model keeps working on"
+                                                 + ("" if needs_auth else " (optional)")),
+        out: Path = typer.Option(..., "--out", help="run folder (a finished one is refused without --overwrite)"),
+        unauthorized: Optional[str] = typer.Option(None, "--unauthorized",
+                                                   help="comma-separated unauthorized domains (target-specified)"),
+        scenario: Optional[str] = typer.Option(None, "--scenario", help=f"scenario: {scen}"),
+        model: Optional[Path] = typer.Option(
+            None, "--model", "--source-model",
+            help="CLIP folder (default: the small CLIP pretrained by ipshield)" if is_clip else
+            "source classifier folder (from `ipshield train-source`; default: train vgg_small on the authorized "
+            "domain into OUT/source)"),
+        source: Optional[str] = typer.Option(None, "--source", help=source_help("synthetic" if is_clip else "digits")),
+        root: Optional[Path] = RootOpt,
+        domains: Optional[str] = DomainsOpt,
+        config: Optional[Path] = ConfigOpt,
+        overrides: Optional[list[str]] = SetOpt,
+        seed: Optional[int] = typer.Option(None, "--seed", help="random seed (overrides the config)"),
+        device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda (default: the config's)"),
+        overwrite: bool = OverwriteOpt,
+        no_coop: bool = typer.Option(False, "--no-coop", help="CLIP methods: skip the CoOp reference (zero-shot only as "
+                                                              "'before')", hidden=not is_clip or spec.reference),
+        coop_set: Optional[list[str]] = typer.Option(None, "--coop-set", help="CLIP methods: CoOp reference override "
+                                                     "key=value (repeatable)", hidden=not is_clip or spec.reference),
+    ) -> None:
+        run_protect(spec, authorized=authorized, unauthorized=unauthorized, out=out, scenario=scenario, model=model,
+                    source=source, root=root, domains=domains, config=config, overrides=overrides, seed=seed,
+                    device=device, overwrite=overwrite, no_coop=no_coop, coop_set=coop_set)
+
+    command.__doc__ = (f"{spec.description or spec.name}. Scenarios: {scen}. "
+                       f"Config: {spec.config.__name__ if spec.config else '-'} (--set key=value).")
+    return command
+
+
+def sync_commands() -> None:
+    """A ``protect`` command for every registered method that has none yet (the CLI calls this
+    before it runs, so a method registered after this module was imported is reachable too)."""
+    have = {c.name for c in protect_app.registered_commands}
+    for spec in METHODS.specs():
+        if spec.name not in have:
+            protect_app.command(spec.name)(_make_command(spec))
+
+
+sync_commands()
+
+
+@protect_app.command("map")
+def protect_map(
+    authorized: str = typer.Option(..., "--authorized", help="the domain the model keeps working on"),
+    out: Path = typer.Option(..., "--out", help="run folder (a finished one is refused without --overwrite)"),
+    setting: str = typer.Option("sa", "--setting", help="sa (source-available) | sf (source-free) | df (data-free): "
+                                                        "the same as `protect sa-map|sf-map|df-map`"),
+    unauthorized: Optional[str] = typer.Option(None, "--unauthorized", help="comma-separated unauthorized domains"),
+    scenario: Optional[str] = typer.Option(None, "--scenario", help="target-specified (default) | ownership"),
+    model: Optional[Path] = typer.Option(None, "--model", "--source-model", help="source classifier folder"),
+    source: Optional[str] = typer.Option(None, "--source", help=source_help("digits")),
+    root: Optional[Path] = RootOpt,
+    domains: Optional[str] = DomainsOpt,
+    config: Optional[Path] = ConfigOpt,
+    overrides: Optional[list[str]] = SetOpt,
+    seed: Optional[int] = typer.Option(None, "--seed"),
+    device: Optional[str] = typer.Option(None, "--device", help="auto | cpu | cuda"),
+    overwrite: bool = OverwriteOpt,
+) -> None:
+    """MAP mask pruning in one of its settings (the registered sa-map, sf-map, df-map)."""
+    from ipshield.errors import ConfigError
+    from ipshield.protect.map import SETTINGS
+
+    if setting not in SETTINGS:
+        raise ConfigError(f"unknown MAP setting '{setting}'", "choose sa, sf or df")
+    run_protect(METHODS.get(SETTINGS[setting]), authorized=authorized, unauthorized=unauthorized, out=out,
+                scenario=scenario, model=model, source=source, root=root, domains=domains, config=config,
+                overrides=overrides, seed=seed, device=device, overwrite=overwrite)
+
+
 @app.command("train-source")
 def train_source_cmd(
-    domain: str = typer.Option(..., "--domain", help="domain to train on"),
-    out: Path = OutOpt,
-    arch: str = ArchOpt,
-    source: str = DigitsSourceOpt,
+    domain: str = typer.Option(..., "--domain", help="domain to train on (any domain the data source offers)"),
+    out: Path = typer.Option(..., "--out", help="folder of the trained classifier"),
+    arch: str = typer.Option("vgg_small", "--arch", help="classifier architecture: vgg_small, vgg_tiny, resnet_small"),
+    source: str = typer.Option("digits", "--source", help=source_help("digits")),
     root: Optional[Path] = RootOpt,
-    epochs: int = typer.Option(4, "--epochs"),
-    n_train: Optional[int] = typer.Option(None, "--n-train", help="training images (balanced subset; default all)"),
+    epochs: int = typer.Option(4, "--epochs", min=1),
+    n_train: Optional[int] = typer.Option(None, "--n-train", min=1, help="training images (balanced subset; default all)"),
     seed: int = typer.Option(0, "--seed"),
 ) -> None:
     """Train a source classifier (VGG-style CNN with BatchNorm by default) on one domain."""
     from ipshield.models.classifiers import SourceTrainConfig, train_source
 
-    domains = load_source(source, root, None, [domain])
+    domains = load_source(source, root, domain)
     name = match_domain(domain, domains)
     cfg = SourceTrainConfig.build({"arch": arch, "epochs": epochs, "n_train": n_train, "seed": seed})
     model = train_source(arch, domains[name], config=cfg, out=out)
     typer.echo(f"trained {model.arch} on {name}: test accuracy {model.train_info['test_accuracy']:.1f}% -> {out}")
 
 
-def _run_method(method: str, authorized: str, unauthorized: Optional[str], out: Path, source_model: Optional[Path],
-                source: str, root: Optional[Path], scenario: str, config: Optional[Path], overrides: Optional[list[str]],
-                seed: Optional[int], extra: dict) -> None:
-    from ipshield.errors import IPShieldError
-    from ipshield.models.classifiers import load_classifier, train_source
-    from ipshield.registry import METHODS
-
-    spec = METHODS.get(method)
-    from ipshield.config import read_yaml
-
-    data = read_yaml(config)
-    data.update(extra)
-    data["scenario"] = scenario
-    if seed is not None:
-        data["seed"] = seed
-    cfg = spec.make_config(data, overrides)
-    unauth_names = split_names(unauthorized) or []
-    if scenario == "domain" and not unauth_names:
-        raise IPShieldError("no unauthorized domain given", "pass --unauthorized NAME[,NAME] or --scenario ownership")
-    domains = load_source(source, root, None, [authorized, *unauth_names])
-    a = match_domain(authorized, domains)
-    us = [domains[match_domain(u, domains)] for u in unauth_names]
-    if source_model is None:
-        src_dir = out / "source"
-        typer.echo(f"no --source-model: training vgg_small on {a} into {src_dir}")
-        model = train_source("vgg_small", domains[a], out=src_dir, seed=cfg.seed)
-    else:
-        model = load_classifier(source_model, classes=domains[a].classes)
-    metrics = spec.run(cfg, model, domains[a], us, out)
-    _print(metrics)
-    typer.echo(f"run folder: {out}")
-
-
-@protect_app.command("map")
-def protect_map(
-    authorized: str = AuthOpt,
-    out: Path = OutOpt,
-    setting: str = typer.Option("sa", "--setting", help="sa (source-available) | sf (source-free) | df (data-free)"),
-    unauthorized: Optional[str] = UnauthOpt,
-    source_model: Optional[Path] = SourceModelOpt,
-    source: str = DigitsSourceOpt,
-    root: Optional[Path] = RootOpt,
-    scenario: str = ScenarioOpt,
-    config: Optional[Path] = ConfigOpt,
-    overrides: Optional[list[str]] = SetOpt,
-    seed: Optional[int] = SeedOpt,
-) -> None:
-    """MAP mask pruning: learn a binary mask over the frozen source weights, export a pruned model."""
-    from ipshield.errors import IPShieldError
-
-    if setting not in ("sa", "sf", "df"):
-        raise IPShieldError(f"unknown MAP setting '{setting}'", "choose sa, sf or df")
-    _run_method(f"{setting}-map", authorized, unauthorized, out, source_model, source, root, scenario, config, overrides, seed,
-                {"setting": setting})
-
-
-@protect_app.command("ntl")
-def protect_ntl(
-    authorized: str = AuthOpt,
-    out: Path = OutOpt,
-    unauthorized: Optional[str] = UnauthOpt,
-    target_free: bool = typer.Option(False, "--target-free", help="generated neighbourhood data instead of unauthorized data"),
-    source_model: Optional[Path] = SourceModelOpt,
-    source: str = DigitsSourceOpt,
-    root: Optional[Path] = RootOpt,
-    scenario: str = ScenarioOpt,
-    config: Optional[Path] = ConfigOpt,
-    overrides: Optional[list[str]] = SetOpt,
-    seed: Optional[int] = SeedOpt,
-) -> None:
-    """NTL, non-transferable learning (target-specified or target-free)."""
-    # target-free NTL trains without the unauthorized data; they are only evaluated
-    _run_method("ntl-tf" if target_free else "ntl", authorized, unauthorized, out, source_model, source, root, scenario,
-                config, overrides, seed, {"target_free": target_free})
-
-
-@protect_app.command("cuti")
-def protect_cuti(
-    authorized: str = AuthOpt,
-    out: Path = OutOpt,
-    unauthorized: Optional[str] = UnauthOpt,
-    style_convs: str = typer.Option("fixed", "--style-convs", help="fixed (drawn once) | resample (reference-compatible)"),
-    source_model: Optional[Path] = SourceModelOpt,
-    source: str = DigitsSourceOpt,
-    root: Optional[Path] = RootOpt,
-    scenario: str = ScenarioOpt,
-    config: Optional[Path] = ConfigOpt,
-    overrides: Optional[list[str]] = SetOpt,
-    seed: Optional[int] = SeedOpt,
-) -> None:
-    """CUTI-domain: restyled unauthorized features (isolation domain) pushed away from their labels."""
-    _run_method("cuti", authorized, unauthorized, out, source_model, source, root, scenario, config, overrides, seed,
-                {"style_convs": style_convs})
-
-
-@attack_app.command("finetune")
-def attack_finetune(
-    model: Path = typer.Option(..., "--model", help="protected classifier folder (a protection run folder)"),
-    domain: str = typer.Option(..., "--domain", help="unauthorized domain the attacker holds labelled images of"),
-    k: str = typer.Option("10,100,1000", "--k", help="comma-separated numbers of labelled images"),
-    shot: bool = typer.Option(True, "--shot/--no-shot", help="also run the SHOT-style source-free adaptation attack"),
-    source: str = DigitsSourceOpt,
-    root: Optional[Path] = RootOpt,
-    seed: int = typer.Option(0, "--seed"),
-    out: Optional[Path] = typer.Option(None, "--out", help="write the result as JSON here"),
-) -> None:
-    """Cost to break a domain restriction: accuracy recovered by fine-tuning with k labels (and SHOT)."""
-    from ipshield.attacks.domain import cost_to_break
-    from ipshield.models.classifiers import load_classifier
-
-    domains = load_source(source, root, None, [domain])
-    d = domains[match_domain(domain, domains)]
-    clf = load_classifier(model, classes=d.classes)
-    ks = tuple(int(x) for x in k.split(",") if x.strip())
-    result = cost_to_break(clf, d, ks, shot=shot, seed=seed)
-    for key, v in result.items():
-        typer.echo(f"{key}: {v:.1f}" if isinstance(v, float) else f"{key}: {v}")
-    if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(result, indent=2) + "\n")
+__all__ = ["run_protect", "SCENARIOS"]

@@ -44,7 +44,8 @@ def bench_run(
     quiet: bool = typer.Option(False, "--quiet", help="no progress display"),
 ) -> None:
     """Run or resume a benchmark suite (methods x pairs x seeds); writes results.csv/.md and report.html."""
-    from ipshield.bench.harness import resolve_suite, run_suite
+    from ipshield.bench.harness import resolve_suite
+    from ipshield.report.suite import run_suite_with_report as run_suite
 
     cfg = resolve_suite(suite, overrides)
     out = out or Path("runs") / f"bench-{cfg.name}"

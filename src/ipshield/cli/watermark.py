@@ -13,6 +13,7 @@ from ipshield.cli.common import SetOpt
 
 KeyOpt = typer.Option(..., "--key", help="the owner's master key file (from `ipshield watermark keygen`)")
 WatermarkOpt = typer.Option(..., "--watermark", help="the watermark folder written by `ipshield watermark apply`")
+OverwriteOpt = typer.Option(False, "--overwrite", help="replace a finished run already in --out")
 
 
 def _model_path(model: Optional[Path]) -> Path:
@@ -50,17 +51,20 @@ def apply_cmd(
     out: Path = typer.Option(..., "--out", help="watermark folder to write (holds secrets: keep it private)"),
     key: Path = KeyOpt,
     model: Optional[Path] = typer.Option(None, "--model", help="the service's CLIP folder (default: the small CLIP)"),
-    scheme: str = typer.Option("vlpmarker", "--scheme", help="vlpmarker, embmarker, or vlpmarker+embmarker (both layers)"),
+    scheme: str = typer.Option("vlpmarker", "--scheme", help="a registered scheme: vlpmarker, embmarker, or "
+                                                             "vlpmarker+embmarker (both layers; dotted --set keys)"),
     customers: str = typer.Option("customer-0", "--customers", help="comma-separated customer ids to report on"),
     n_reference: int = typer.Option(600, "--n-reference", help="reference sample of normal inputs (trigger selection)"),
     overrides: Optional[list[str]] = SetOpt,
+    overwrite: bool = typer.Option(False, "--overwrite", help="replace a finished watermark in --out (the old one, "
+                                                              "and the evidence it gives, is lost)"),
 ) -> None:
     """Fit the triggers and (VLPMarker) refine the customers' transforms; report utility."""
     from ipshield.cli.common import split_names
-    from ipshield.watermark.run import apply_watermark
+    from ipshield.jobs.watermark import apply_watermark
 
     m = apply_watermark(_model_path(model), key, out, scheme, split_names(customers) or ["customer-0"], overrides,
-                        n_reference=n_reference)
+                        n_reference=n_reference, overwrite=overwrite)
     typer.echo(f"watermark written to {out}; max |zero-shot change| = {m.get('max_abs_zero_shot_change', float('nan')):.2f} points")
 
 
@@ -75,13 +79,14 @@ def calibrate_cmd(
     max_queries: int = typer.Option(512, "--max-queries", help="verification query budget (use the one of verify)"),
     alpha: float = typer.Option(1e-6, "--alpha", help="p-value threshold of the decision"),
     dry_run: bool = typer.Option(False, "--dry-run", help="report only; do not write the calibration into the watermark folder"),
+    overwrite: bool = OverwriteOpt,
 ) -> None:
     """Calibrate the verification decision on innocent models; `ipshield verify` then uses it."""
     from ipshield.cli.common import split_names
-    from ipshield.watermark.run import run_calibrate
+    from ipshield.jobs.watermark import run_calibrate
 
     m = run_calibrate(innocent, key, watermark, out, customers=split_names(customers), clean_model=clean_model,
-                      max_queries=max_queries, alpha=alpha, write=not dry_run)
+                      max_queries=max_queries, alpha=alpha, write=not dry_run, overwrite=overwrite)
     cal = m["calibration"]
     typer.echo(f"{m['false_positives']} of {m['n_innocent']} innocent models flagged (leave-one-out); threshold "
                f"{cal['threshold']:.3g}; {'not written (dry run)' if dry_run else 'written to ' + str(watermark / 'watermark.json')}")
@@ -94,13 +99,14 @@ def extract_cmd(
     watermark: Path = WatermarkOpt,
     customer: str = typer.Option("customer-0", "--customer", help="the customer account the thief uses"),
     model: Optional[Path] = typer.Option(None, "--model", help="the service's CLIP folder (default: the small CLIP)"),
-    n_queries: int = typer.Option(6000, "--n-queries", help="public image-caption pairs sent to the service"),
+    n_queries: int = typer.Option(6000, "--n-queries", help="public image-caption pairs sent to the service (the budget)"),
     overrides: Optional[list[str]] = SetOpt,
+    overwrite: bool = OverwriteOpt,
 ) -> None:
-    """Model extraction: train a student CLIP on the watermarked service's embeddings."""
-    from ipshield.watermark.run import run_extract
+    """Model extraction (the wm-extract attack): train a student CLIP on the watermarked service's embeddings."""
+    from ipshield.jobs.watermark import run_extract
 
-    m = run_extract(_model_path(model), key, watermark, customer, out, n_queries, overrides)
+    m = run_extract(_model_path(model), key, watermark, customer, out, n_queries, overrides, overwrite=overwrite)
     typer.echo(f"student written to {out / 'student'}; zero-shot {m['accuracy']['student']}")
 
 
@@ -119,10 +125,11 @@ def verify_cmd(
     clean_model: Optional[Path] = typer.Option(None, "--clean-model", help="the unwatermarked service model (default: from the watermark folder)"),
     max_queries: int = typer.Option(512, "--max-queries", help="verification query budget"),
     alpha: float = typer.Option(1e-6, "--alpha", help="p-value threshold of the decision"),
+    overwrite: bool = OverwriteOpt,
 ) -> None:
     """Is a suspect model a copy of the watermarked service? (trigger, distribution, covariance, permutation, Procrustes tests)."""
     from ipshield.cli.common import split_names
-    from ipshield.watermark.run import run_verify
+    from ipshield.jobs.watermark import run_verify
 
     if (model is None) == (suspect_url is None):
         from ipshield.errors import IPShieldError
@@ -134,7 +141,7 @@ def verify_cmd(
 
         suspect = HTTPSuspect(suspect_url, suspect_key, schema=suspect_schema, budget=max_queries)
     m = run_verify(suspect, key, watermark, out, customer=customer, identify=identify, customers=split_names(customers),
-                   clean_model=clean_model, max_queries=max_queries, alpha=alpha)
+                   clean_model=clean_model, max_queries=max_queries, alpha=alpha, overwrite=overwrite)
     typer.echo(f"{m['verdict']} (p={m['p_value']:.3g}, customer={m['customer_id']}, queries={m['queries'].get('total')}); "
                f"report in {out}")
 

@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from ipshield.data.images import read_image
 from ipshield.errors import DataError
 
 
@@ -46,8 +47,6 @@ class ImageSplit:
         """Image ``i`` as uint8 [H, W, 3]."""
         if self.in_memory:
             return self.images[i]  # type: ignore[index]
-        from ipshield.data.folders import read_image
-
         return read_image(self.images[i])  # type: ignore[index]
 
     def subset(self, indices: Sequence[int] | np.ndarray) -> "ImageSplit":

@@ -1,7 +1,7 @@
 """One entry point for every data source: ``load_domains(source, names, **options)``.
 
-Sources are registered in ``ipshield.registry.DATASETS`` (entries are loader functions taking
-``names`` and keyword options):
+Sources are registered in ``ipshield.registry.DATASETS`` (``SourceSpec``: a loader taking
+``names`` and keyword options, and ``domains(**options)``, the names of the domains it offers):
 
 - ``synthetic``: the embedded procedural digits (``root`` is ignored);
 - ``digits``: MNIST / USPS / MNIST-M archives (``root`` or env ``IPSHIELD_DIGITS``);
@@ -18,7 +18,27 @@ from ipshield.errors import DataError
 from ipshield.registry import DATASETS
 
 
-@DATASETS.register("synthetic")
+def _synthetic_domains(**_options: Any) -> list[str]:
+    from ipshield.data.synthetic import STYLES
+
+    return list(STYLES)
+
+
+def _digits_domains(root: Any = None, **_options: Any) -> list[str]:
+    from ipshield.data.digits import available_digits
+
+    return available_digits(root)
+
+
+def _folder_domains(root: Any = None, **_options: Any) -> list[str]:
+    from ipshield.data.folders import list_domains
+
+    if root is None:
+        raise DataError("the folder source needs --root", "pass --root DIR with one sub-folder per domain")
+    return list_domains(root)
+
+
+@DATASETS.register("synthetic", domains=_synthetic_domains, description="the embedded procedural digits in six styles")
 def synthetic_source(names: Iterable[str] | None = None, root: Any = None, n_train: int = 2000, n_test: int = 500,
                      seed: int = 0, size: int = 32, disk_cache: bool = False) -> dict[str, Domain]:
     from ipshield.data.synthetic import load_synthetic
@@ -27,7 +47,8 @@ def synthetic_source(names: Iterable[str] | None = None, root: Any = None, n_tra
     return load_synthetic(names, n_train=n_train, n_test=n_test, seed=seed, size=size, disk_cache=disk_cache)
 
 
-@DATASETS.register("digits")
+@DATASETS.register("digits", domains=_digits_domains,
+                   description="digit archives <name>.npz (MNIST, USPS, MNIST-M, ...) in --root or $IPSHIELD_DIGITS")
 def digits_source(names: Iterable[str] | None = None, root: Any = None, size: int = 32, n_train: int | None = None,
                   n_test: int | None = None) -> dict[str, Domain]:
     from ipshield.data.digits import load_digits
@@ -35,7 +56,8 @@ def digits_source(names: Iterable[str] | None = None, root: Any = None, size: in
     return load_digits(names, root=root, size=size, n_train=n_train, n_test=n_test)
 
 
-@DATASETS.register("folder")
+@DATASETS.register("folder", domains=_folder_domains,
+                   description="image folders ROOT/<domain>/<class>/<image>")
 def folder_source(names: Iterable[str] | None = None, root: Any = None, test_fraction: float = 0.2, seed: int = 0,
                   on_corrupt: str = "skip", verify: bool = True, extensions: Iterable[str] | None = None) -> dict[str, Domain]:
     from ipshield.data.folders import IMAGE_EXTENSIONS, load_image_folders
@@ -47,7 +69,7 @@ def folder_source(names: Iterable[str] | None = None, root: Any = None, test_fra
 def load_domains(source: str, names: Iterable[str] | str | None = None, **options: Any) -> dict[str, Domain]:
     """Load the domains ``names`` (all of the source's domains when None; a comma-separated string
     is accepted) from the registered ``source``. Options left as None use the loader's default."""
-    loader: Callable[..., dict[str, Domain]] = DATASETS.get(source)
+    loader: Callable[..., dict[str, Domain]] = DATASETS.get(source).load
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()] or None
     params = inspect.signature(loader).parameters
@@ -57,3 +79,11 @@ def load_domains(source: str, names: Iterable[str] | str | None = None, **option
         raise DataError(f"data source '{source}' has no option(s) {unknown}", f"its options are: {', '.join(accepted)}")
     kwargs = {k: v for k, v in options.items() if v is not None}
     return loader(names, **kwargs)
+
+
+def source_domains(source: str, **options: Any) -> list[str]:
+    """The names of the domains the data source ``source`` offers (with the same options as
+    ``load_domains``, e.g. ``root``)."""
+    spec = DATASETS.get(source)
+    kwargs = {k: v for k, v in options.items() if v is not None}
+    return list(spec.domains(**kwargs)) if spec.domains is not None else []

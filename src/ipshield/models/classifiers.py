@@ -6,7 +6,7 @@ a down-sampling step) followed by a ``head`` (flatten + MLP). The stage boundari
 NTL's feature map (the output of the first stages) and CUTI-domain's per-stage restyling use.
 
 ``Classifier`` wraps a net with its class names and its input normalisation, so that
-``classifier.predict_logits(images in [0, 1])`` works with ``ipshield.protect.base.accuracy``.
+``classifier.predict_logits(images in [0, 1])`` works with ``ipshield.models.evaluation.accuracy``.
 Checkpoints are a folder with ``model.safetensors`` + ``classifier.json`` (arch name and
 arguments, classes, image size, normalisation): nothing is pickled.
 """
@@ -136,7 +136,7 @@ def canonical_arch(name: str) -> str:
 
 
 def build_net(arch: str, num_classes: int, image_size: int = 32, **kw: Any) -> ClassifierNet:
-    factory = CLASSIFIERS.get(arch)
+    factory = CLASSIFIERS.get(arch).obj
     return factory(num_classes, image_size, **kw)
 
 
@@ -270,12 +270,18 @@ class SourceTrainConfig(BaseConfig):
     device: str = "cpu"
 
 
-def _random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) -> torch.Tensor:
+    """The training augmentation: shift the batch by one random (dx, dy) in [-max_shift, max_shift]
+    (replicate padding), drawn from ``generator``."""
     if max_shift <= 0:
         return x
     pad = F.pad(x, (max_shift,) * 4, mode="replicate")
     dx, dy = torch.randint(0, 2 * max_shift + 1, (2,), generator=generator).tolist()
     return pad[..., dy:dy + x.shape[-2], dx:dx + x.shape[-1]]
+
+
+#: the old private name, kept importable
+_random_shift = random_shift
 
 
 def fit_classifier(model: Classifier, images: torch.Tensor, labels: torch.Tensor, epochs: int, batch_size: int = 64,
@@ -299,7 +305,7 @@ def fit_classifier(model: Classifier, images: torch.Tensor, labels: torch.Tensor
             idx = perm[start:start + batch_size]
             x, y = images[idx].to(device), labels[idx].to(device)
             if augment:
-                x = _random_shift(x, 2, g)
+                x = random_shift(x, 2, g)
             loss = F.cross_entropy(model(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -318,7 +324,7 @@ def train_source(arch: str, domain: Any, epochs: int = 4, config: SourceTrainCon
     """Train a classifier of architecture ``arch`` on ``domain`` (an ``ipshield.data.Domain``).
     With ``out``, the model is saved there (``classifier.json`` + ``model.safetensors``) with its
     test accuracy and the training settings."""
-    from ipshield.protect.base import accuracy
+    from ipshield.models.evaluation import accuracy
     from ipshield.utils import seed_everything
 
     cfg = config or SourceTrainConfig.build({"arch": arch, "epochs": epochs, **overrides})

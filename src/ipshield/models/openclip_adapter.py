@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 from ipshield.errors import CheckpointError, IPShieldError
-from ipshield.models.clip import OPENAI_MEAN, OPENAI_STD, CLIPAdapter, _l2
+from ipshield.models.common import OPENAI_MEAN, OPENAI_STD, CLIPAdapter, l2_normalise
 
 _INSTALL_FIX = ("pip install ipshield[openclip] on a machine with torchvision (a CUDA machine: install the CUDA "
                 "torch first); on the CPU-only path use backend='hf' with a Hugging Face CLIP folder")
@@ -151,7 +151,7 @@ class OpenCLIPAdapter(CLIPAdapter):
         pooled = x[torch.arange(n, device=x.device), eos]
         proj = text.text_projection
         feats = proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
-        return _l2(feats) if normalize else feats
+        return l2_normalise(feats) if normalize else feats
 
 
 def _load_weights(model: nn.Module, weights: Path) -> None:

@@ -521,7 +521,7 @@ def eval_domains(config: PretrainConfig) -> dict:
 def evaluate_pretrained(path: str | Path, config: PretrainConfig | None = None) -> dict[str, float]:
     """Zero-shot accuracy (percent) of the CLIP at ``path`` on ``eval_domains``."""
     from ipshield.models.clip import load_clip
-    from ipshield.protect.zeroshot import evaluate_zero_shot
+    from ipshield.models.zeroshot import evaluate_zero_shot
 
     config = config or PretrainConfig()
     adapter = load_clip(path)

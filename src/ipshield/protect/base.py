@@ -3,59 +3,13 @@ its evaluation on each domain's test split.
 
 Images handed to a ``DomainClassifier`` are float tensors [B, 3, H, W] in [0, 1] at the dataset's
 resolution; each model does its own resizing and normalisation.
+
+The protocol and the evaluation routines live in ``ipshield.models.evaluation`` (the models layer
+uses them too); they are re-exported here under their old names.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, Protocol
+from ipshield.models.evaluation import DomainClassifier, Transform, accuracy, accuracy_by_domain, predict
 
-import numpy as np
-import torch
-
-from ipshield.data.domain import Domain, ImageSplit
-
-
-class DomainClassifier(Protocol):
-    def predict_logits(self, images: torch.Tensor) -> torch.Tensor: ...
-
-
-Transform = Callable[[torch.Tensor], torch.Tensor]
-
-
-@torch.no_grad()
-def predict(model: DomainClassifier | Callable[[torch.Tensor], torch.Tensor], split: ImageSplit, batch_size: int = 256,
-            size: int | None = None, transform: Transform | None = None, device: torch.device | str = "cpu") -> np.ndarray:
-    """Predicted class index for every image of ``split``. ``transform`` (e.g. the grid watermark)
-    is applied to the [0, 1] images before the model sees them."""
-    fn = model.predict_logits if hasattr(model, "predict_logits") else model
-    preds = []
-    n = len(split)
-    if split.in_memory:
-        for start in range(0, n, batch_size):
-            part = split.subset(range(start, min(n, start + batch_size)))
-            x = part.to_tensor(size).to(device)
-            if transform is not None:
-                x = transform(x)
-            preds.append(fn(x).argmax(-1).cpu().numpy())
-    else:
-        if size is None:
-            raise ValueError("size is required for images loaded from files")
-        for start in range(0, n, batch_size):
-            x = split.subset(range(start, min(n, start + batch_size))).to_tensor(size).to(device)
-            if transform is not None:
-                x = transform(x)
-            preds.append(fn(x).argmax(-1).cpu().numpy())
-    return np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
-
-
-def accuracy(model: DomainClassifier | Callable[[torch.Tensor], torch.Tensor], split: ImageSplit, **kw) -> float:
-    """Top-1 accuracy in percent."""
-    if len(split) == 0:
-        return float("nan")
-    pred = predict(model, split, **kw)
-    return float((pred == split.labels).mean() * 100.0)
-
-
-def accuracy_by_domain(model, domains: Mapping[str, Domain], **kw) -> dict[str, float]:
-    """Test accuracy (percent) on each domain, keyed by domain name."""
-    return {name: accuracy(model, d.test, **kw) for name, d in domains.items()}
+__all__ = ["DomainClassifier", "Transform", "predict", "accuracy", "accuracy_by_domain"]

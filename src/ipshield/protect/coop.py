@@ -141,32 +141,27 @@ def train_coop(adapter, domain: Domain, config: CoOpConfig | None = None, verbos
     return model
 
 
-METHODS.register("coop")(train_coop)
-
-
-def run_coop(adapter, domains: dict[str, Domain], authorized: str, out, config: CoOpConfig | None = None,
-             verbose: bool = True) -> dict:
-    """Train CoOp on ``authorized``, evaluate zero-shot (before) and CoOp (after) on every domain,
-    and write a run folder with the prompt (safetensors), config and metrics.json."""
+@METHODS.register("coop", config=CoOpConfig, model="clip", data=("authorized",), scenarios=(), reference=True,
+                  description="unprotected reference: CoOp prompt learned on the authorized domain")
+def coop_job(job, config: CoOpConfig) -> dict:
+    """Train CoOp on the authorized domain, evaluate zero-shot (before) and CoOp (after) on every
+    domain; the prompt is saved into ``job.out`` (by the main process only)."""
     from ipshield.data.domain import check_same_classes
-    from ipshield.errors import IPShieldError
+    from ipshield.distributed import is_main
     from ipshield.metrics import summarize_restriction
     from ipshield.protect.base import accuracy_by_domain
     from ipshield.protect.zeroshot import ZeroShotClassifier
-    from ipshield.runs import RunDir
 
-    config = config or CoOpConfig()
-    if authorized not in domains:
-        raise IPShieldError(f"authorized domain '{authorized}' is not among {sorted(domains)}", "pick one of those")
+    adapter, domains, authorized = job.model, job.domains, job.authorized
     classes = check_same_classes(list(domains.values()))
-    from ipshield.distributed import is_main
-
-    run = RunDir(out, "coop", config, seed=config.seed) if is_main() else None  # one writer
     zs = ZeroShotClassifier(adapter, classes)
     before = accuracy_by_domain(zs, domains)
-    model = train_coop(adapter, domains[authorized], config, verbose=verbose)
+    model = train_coop(adapter, domains[authorized], config, verbose=job.verbose)
     after = accuracy_by_domain(model, domains)
-    metrics = {
+    if job.out is not None and is_main():
+        model.save(job.out)
+    job.options["trained_model"] = model
+    return {
         "method": "coop",
         "authorized": authorized,
         "unauthorized": [d for d in domains if d != authorized],
@@ -175,8 +170,3 @@ def run_coop(adapter, domains: dict[str, Domain], authorized: str, out, config: 
         "reference": "zero-shot",
         "summary": summarize_restriction(before, after, authorized, len(classes)),
     }
-    if run is not None:
-        model.save(run.path)
-        run.save_metrics(metrics)
-        run.finish()
-    return metrics

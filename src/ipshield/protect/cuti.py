@@ -33,9 +33,9 @@ from ipshield.data.domain import Domain
 from ipshield.protect.restrict import (
     BatchStream,
     FinetuneRestrictionConfig,
-    RestrictionMethod,
     finish_run,
     prepare_run,
+    restriction_job,
     require_classifier,
     set_bn_mode,
     staged_net,
@@ -43,7 +43,7 @@ from ipshield.protect.restrict import (
     train_tensors,
 )
 from ipshield.registry import METHODS
-from ipshield.utils import progress, seed_everything
+from ipshield.utils import progress, seed_everything, resolve_device
 
 
 class CUTIConfig(FinetuneRestrictionConfig):
@@ -112,7 +112,7 @@ def protect(source_model, config: CUTIConfig, authorized: Domain, unauthorized: 
 
     seed_everything(config.seed)
     g = torch.Generator().manual_seed(config.seed + 13)
-    device = torch.device(config.device)
+    device = resolve_device(config.device)
     model = copy.deepcopy(source_model).to(device)
     net = staged_net(model, "CUTI-domain")
     styler = IsolationStyler(_stage_channels(model, net, config.image_size), config.style_convs, g).to(device)
@@ -166,5 +166,7 @@ def run(config: CUTIConfig, source_model, authorized: Domain, unauthorized: list
                       style_convs=config.style_convs, target_free=config.target_free, history=info["history"])
 
 
-METHODS.register("cuti")(RestrictionMethod("cuti", CUTIConfig, run, {}, ("source", "target"),
-                                           "CUTI-domain: isolation domain by restyled unauthorized features"))
+protect_job = restriction_job(run)
+METHODS.register("cuti", config=CUTIConfig, model="classifier", data=("authorized", "unauthorized"),
+                 scenarios=("target-specified", "ownership", "target-free"),
+                 description="CUTI-domain: restyled unauthorized features pushed away from their labels")(protect_job)

@@ -26,6 +26,7 @@ import torch
 
 from ipshield.data.domain import Domain, ImageSplit, check_same_classes
 from ipshield.errors import CheckpointError, DataError, IPShieldError
+from ipshield.registry import METHODS
 from ipshield.protect.ipclip import (GENERATOR_META, IPCLIP, IPCLIPConfig, WATERMARK_SUFFIX, accuracy_on_sets,
                                      evaluation_sets, read_generator_meta, train_ipclip)
 
@@ -61,16 +62,17 @@ def summary_groups(scenario: str, domains: dict[str, Domain], authorized: str, u
 
 
 def reference_accuracies(adapter, domains: dict[str, Domain], authorized: str, sets: dict, coop_config=None,
-                         with_coop: bool = True, verbose: bool = True) -> dict[str, dict[str, float]]:
+                         with_coop: bool = True, verbose: bool = True, coop=None) -> dict[str, dict[str, float]]:
     """Accuracy of the unprotected references on every test set: zero-shot CLIP and CoOp
-    (trained on the authorized domain's clean train split)."""
+    (``coop``, or one trained on the authorized domain's clean train split)."""
     from ipshield.protect.zeroshot import ZeroShotClassifier
 
     refs = {"zero-shot": accuracy_on_sets(ZeroShotClassifier(adapter, domains[authorized].classes), sets, adapter)}
     if with_coop:
-        from ipshield.protect.coop import CoOpConfig, train_coop
+        if coop is None:
+            from ipshield.protect.coop import CoOpConfig, train_coop
 
-        coop = train_coop(adapter, domains[authorized], coop_config or CoOpConfig(), verbose=verbose)
+            coop = train_coop(adapter, domains[authorized], coop_config or CoOpConfig(), verbose=verbose)
         refs["coop"] = accuracy_on_sets(coop, sets, adapter)
     return refs
 
@@ -104,58 +106,46 @@ def build_metrics(method: str, scenario: str, domains: dict[str, Domain], author
     return metrics
 
 
-def run_ipclip(adapter, domains: dict[str, Domain], authorized: str, unauthorized: Sequence[str], out: str | Path,
-               config: IPCLIPConfig | None = None, coop_config=None, with_coop: bool = True,
-               verbose: bool = True) -> dict:
-    """Train IP-CLIP, evaluate references and the protected model on every test set, write the run
-    folder (config.yaml, metrics.json, prompt_generator.safetensors + prompt_generator.json)."""
-    from ipshield.runs import RunDir
-
-    config = (config or IPCLIPConfig()).check()
-    unauthorized = list(unauthorized)
+def prompt_job(kind: str, job, config, train: Callable) -> dict:
+    """The job of a prompt method (IP-CLIP, NTL-prompt): references (zero-shot and, unless
+    ``job.options["with_coop"]`` is False, CoOp: the trained one in ``job.options["coop"]`` or one
+    trained with ``job.options["coop_config"]``), training, evaluation on every test set of the
+    scenario; the learned prompt is saved into ``job.out``."""
+    adapter, domains, authorized = job.model, job.domains, job.authorized
+    unauthorized = list(job.unauthorized)
     check_domains(domains, authorized, unauthorized)
     if config.scenario == "target-specified" and not unauthorized:
         raise DataError("the target-specified scenario needs at least one unauthorized domain",
                         "give --unauthorized D2 (or use --scenario target-free)")
     train_u = unauthorized if config.scenario == "target-specified" else []
-    run = RunDir(out, "ip-clip", config, seed=config.seed)
-    auth_set, sets = evaluation_sets(domains, authorized, config.scenario, config.watermark_stride)
+    stride = getattr(config, "watermark_stride", 2)
+    _auth_set, sets = evaluation_sets(domains, authorized, config.scenario, stride)
     t0 = time.perf_counter()
-    refs = reference_accuracies(adapter, domains, authorized, sets, coop_config, with_coop, verbose)
+    refs = reference_accuracies(adapter, domains, authorized, sets, job.options.get("coop_config"),
+                                job.options.get("with_coop", True), job.verbose, coop=job.options.get("coop"))
     t_refs = time.perf_counter() - t0
-    model = train_ipclip(adapter, domains[authorized], [domains[u] for u in train_u], config, verbose=verbose)
+    model = train(adapter, domains[authorized], [domains[u] for u in train_u], config, verbose=job.verbose)
     after = accuracy_on_sets(model, sets, adapter)
-    selection = getattr(model, "selection", None)
-    model.save(run.path, extra={"authorized": authorized, "unauthorized_train": train_u, "selection": selection})
-    metrics = build_metrics("ip-clip", config.scenario, domains, authorized, train_u, refs, after,
-                            train_unauthorized=train_u, timing={**model.timing, "references_s": t_refs},
-                            history=model.history, selection=selection)
-    run.save_metrics(metrics)
-    run.finish()
-    return metrics
+    extra: dict = {"train_unauthorized": train_u, "history": model.history}
+    if kind == "ip-clip":
+        selection = getattr(model, "selection", None)
+        if job.out is not None:
+            model.save(job.out, extra={"authorized": authorized, "unauthorized_train": train_u, "selection": selection})
+        extra = {"train_unauthorized": train_u, "timing": {**model.timing, "references_s": t_refs},
+                 "history": model.history, "selection": selection}
+    elif job.out is not None:
+        model.save(job.out)
+    job.options["trained_model"] = model  # for callers that go on with it (the benchmark's embedding map)
+    return build_metrics(kind, config.scenario, domains, authorized, train_u, refs, after, **extra)
 
 
-def run_ntl_prompt(adapter, domains: dict[str, Domain], authorized: str, unauthorized: Sequence[str],
-                   out: str | Path, config=None, coop_config=None, with_coop: bool = True, verbose: bool = True) -> dict:
-    """The NTL-prompt baseline, in the same run-folder shape as IP-CLIP."""
-    from ipshield.protect.ntl_prompt import NTLPromptConfig, train_ntl_prompt
-    from ipshield.runs import RunDir
-
-    config = config or NTLPromptConfig()
-    unauthorized = list(unauthorized)
-    check_domains(domains, authorized, unauthorized)
-    train_u = unauthorized if config.scenario == "target-specified" else []
-    run = RunDir(out, "ntl-prompt", config, seed=config.seed)
-    auth_set, sets = evaluation_sets(domains, authorized, config.scenario)
-    refs = reference_accuracies(adapter, domains, authorized, sets, coop_config, with_coop, verbose)
-    model = train_ntl_prompt(adapter, domains[authorized], [domains[u] for u in train_u], config, verbose=verbose)
-    after = accuracy_on_sets(model, sets, adapter)
-    model.save(run.path)
-    metrics = build_metrics("ntl-prompt", config.scenario, domains, authorized, train_u, refs, after,
-                            train_unauthorized=train_u, history=model.history)
-    run.save_metrics(metrics)
-    run.finish()
-    return metrics
+@METHODS.register("ip-clip", config=IPCLIPConfig, model="clip", data=("authorized", "unauthorized"),
+                  scenarios=("target-specified", "ownership", "target-free", "authorization"),
+                  description="IP-CLIP: a learned IP prompt generator restricts a frozen CLIP to the authorized domain")
+def ipclip_job(job, config: IPCLIPConfig) -> dict:
+    """Train IP-CLIP, evaluate references and the protected model on every test set; the prompt
+    generator goes to ``prompt_generator.safetensors`` + ``prompt_generator.json``."""
+    return prompt_job("ip-clip", job, config.check(), train_ipclip)
 
 
 # ---------------------------------------------------------------------------- reload

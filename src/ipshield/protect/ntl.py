@@ -31,9 +31,9 @@ from ipshield.data.domain import Domain
 from ipshield.protect.restrict import (
     BatchStream,
     FinetuneRestrictionConfig,
-    RestrictionMethod,
     finish_run,
     prepare_run,
+    restriction_job,
     mmd_multi_kernel,
     require_classifier,
     set_bn_mode,
@@ -42,7 +42,7 @@ from ipshield.protect.restrict import (
     train_tensors,
 )
 from ipshield.registry import METHODS
-from ipshield.utils import progress, seed_everything
+from ipshield.utils import progress, seed_everything, resolve_device
 
 
 class NTLConfig(FinetuneRestrictionConfig):
@@ -71,7 +71,7 @@ def protect(source_model, config: NTLConfig, authorized: Domain, unauthorized: l
 
     seed_everything(config.seed)
     g = torch.Generator().manual_seed(config.seed + 11)
-    device = torch.device(config.device)
+    device = resolve_device(config.device)
     model = copy.deepcopy(source_model).to(device)
     net = staged_net(model, "NTL")
     k = max(1, min(config.mmd_stages, len(net.stages)))
@@ -125,7 +125,10 @@ def run(config: NTLConfig, source_model, authorized: Domain, unauthorized: list[
                       target_free=config.target_free, history=info["history"])
 
 
-METHODS.register("ntl")(RestrictionMethod("ntl", NTLConfig, run, {"target_free": False}, ("source", "target"),
-                                          "non-transferable learning with unauthorized data"))
-METHODS.register("ntl-tf")(RestrictionMethod("ntl-tf", NTLConfig, run, {"target_free": True}, ("source",),
-                                             "target-free NTL with generated neighbourhood data"))
+protect_job = restriction_job(run)
+METHODS.register("ntl", config=NTLConfig, defaults={"target_free": False}, model="classifier",
+                 data=("authorized", "unauthorized"), scenarios=("target-specified", "ownership", "target-free"),
+                 description="non-transferable learning (target-free with --scenario target-free)")(protect_job)
+METHODS.register("ntl-tf", config=NTLConfig, defaults={"target_free": True}, model="classifier", data=("authorized",),
+                 scenarios=("target-free",),
+                 description="target-free NTL: generated neighbourhood data instead of unauthorized data")(protect_job)

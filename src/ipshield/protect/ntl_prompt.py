@@ -22,9 +22,10 @@ from ipshield.data.domain import Domain
 from ipshield.protect.coop import CoOpModel
 from ipshield.protect.ipclip import Scenario, build_streams
 from ipshield.protect.prompting import init_context
+from ipshield.protect.ipclip_run import prompt_job
 from ipshield.protect.restrict import mmd_multi_kernel
-from ipshield.protect.training import cosine_with_warmup, epoch_batches
 from ipshield.registry import METHODS
+from ipshield.protect.training import cosine_with_warmup, epoch_batches
 from ipshield.utils import progress, resolve_device, seed_everything
 
 
@@ -99,4 +100,9 @@ def train_ntl_prompt(adapter, authorized: Domain, unauthorized: Sequence[Domain]
     return model
 
 
-METHODS.register("ntl-prompt")(train_ntl_prompt)
+@METHODS.register("ntl-prompt", config=NTLPromptConfig, model="clip", data=("authorized", "unauthorized"),
+                  scenarios=("target-specified", "ownership", "target-free", "authorization"),
+                  description="baseline: a CoOp prompt trained with the NTL objective on the frozen CLIP")
+def ntl_prompt_job(job, config: NTLPromptConfig) -> dict:
+    """The NTL-prompt baseline, in the same run-folder shape as IP-CLIP."""
+    return prompt_job("ntl-prompt", job, config, train_ntl_prompt)

@@ -2,16 +2,16 @@
 domain (MAP, NTL, CUTI-domain): configs, the ownership-verification scenario, data tensors,
 losses (KL to a reference, multi-kernel MMD), evaluation and the run folder.
 
-Every method module registers a ``RestrictionMethod`` in ``METHODS``; its ``run(config,
-source_model, authorized, unauthorized, out)`` returns the metrics dict written to
-``metrics.json`` (schema of docs/dev/CONTRACTS.md) and saves the protected model (an ordinary
-``Classifier`` folder: ``model.safetensors`` + ``classifier.json``) into the run folder.
+Every method module registers its job function in ``METHODS`` (``MethodSpec``, docs/dev/CONTRACTS.md);
+``restriction_job`` turns a method's ``run(config, source_model, authorized, unauthorized, out)``
+into that ``run(job, config)``. It returns the metrics dict (the jobs layer writes ``metrics.json``)
+and saves the protected model (an ordinary ``Classifier`` folder: ``model.safetensors`` +
+``classifier.json``) into the run folder.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Literal, Sequence
 
@@ -24,8 +24,10 @@ from pydantic import Field, field_validator, model_validator
 from ipshield.config import BaseConfig
 from ipshield.data.domain import Domain, ImageSplit, check_same_classes
 from ipshield.errors import DataError, IPShieldError
+from ipshield.registry import OWNERSHIP_SUFFIX
 
-OWNERSHIP_SUFFIX = "+grid"
+#: the scenarios of the classifier methods (names of ``ipshield.registry.SCENARIOS``)
+RESTRICTION_SCENARIOS = ("target-specified", "ownership", "target-free")
 #: the opacities ``watermark_opacity="auto"`` chooses from
 OPACITY_LADDER = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 
@@ -33,11 +35,13 @@ OPACITY_LADDER = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 class RestrictionConfig(BaseConfig):
     """Options common to MAP, NTL and CUTI-domain."""
 
-    #: "domain": restrict to the authorized domain against the given unauthorized domains;
+    #: "target-specified": restrict to the authorized domain against the given unauthorized domains;
     #: "ownership": the unauthorized domain is the authorized one with the grid watermark
     #: (watermarked inputs must collapse, clean ones keep their accuracy; SF/DF-MAP put the
-    #: watermark on their pseudo-source images instead, so they still never see real data)
-    scenario: Literal["domain", "ownership"] = "domain"
+    #: watermark on their pseudo-source images instead, so they still never see real data);
+    #: "target-free": generated neighbourhood data stand in for the unauthorized domains (NTL,
+    #: CUTI-domain; the given unauthorized domains are only evaluated)
+    scenario: Literal["target-specified", "ownership", "target-free"] = "target-specified"
     #: training images used per domain (balanced subset; None = all)
     n_train: int | None = 3000
     #: test images evaluated per domain (None = all)
@@ -47,7 +51,8 @@ class RestrictionConfig(BaseConfig):
     steps: int = 300
     lr: float = 1e-2
     seed: int = 0
-    device: str = "cpu"
+    #: auto | cpu | cuda (the small classifiers train fast on the CPU, the default)
+    device: Literal["auto", "cpu", "cuda"] = "cpu"
     #: stride of the grid watermark of the ownership scenario
     watermark_stride: int = Field(2, ge=1)
     #: [ours] opacity of the grid (1 = the spec's pure white lines), or "auto": the largest of
@@ -58,6 +63,11 @@ class RestrictionConfig(BaseConfig):
     watermark_opacity: float | Literal["auto"] = "auto"
     #: the fraction of its clean accuracy the unprotected model must keep under the "auto" opacity
     watermark_keep: float = Field(0.9, gt=0, le=1)
+
+    @field_validator("scenario", mode="before")
+    @classmethod
+    def _old_scenario_name(cls, v: Any) -> Any:
+        return "target-specified" if v == "domain" else v  # the name used before the vocabulary was unified
 
     @field_validator("watermark_opacity")
     @classmethod
@@ -85,28 +95,13 @@ class FinetuneRestrictionConfig(RestrictionConfig):
         if self.target_free and self.scenario == "ownership":
             raise ValueError("target_free generates stand-ins for unknown unauthorized domains, but in the ownership "
                              "scenario the unauthorized domain is the owner's own watermark: set target_free=false "
-                             "(ntl, cuti) or scenario=domain")
+                             "(ntl, cuti) or scenario=target-specified")
+        # the scenario and the flag say the same thing; either one sets both
+        if self.scenario == "target-free" and not self.target_free:
+            object.__setattr__(self, "target_free", True)
+        elif self.target_free and self.scenario == "target-specified":
+            object.__setattr__(self, "scenario", "target-free")
         return self
-
-
-@dataclass(frozen=True)
-class RestrictionMethod:
-    """A registered protection method: its config class, defaults and ``run``."""
-
-    name: str
-    config_cls: type[BaseConfig]
-    run: Callable[..., dict]
-    defaults: dict[str, Any] = field(default_factory=dict)
-    #: what the method needs: "source" (authorized data), "target" (unauthorized data)
-    needs: tuple[str, ...] = ("source", "target")
-    description: str = ""
-
-    def make_config(self, data: dict[str, Any] | None = None, overrides: list[str] | None = None) -> BaseConfig:
-        return self.config_cls.build({**self.defaults, **(data or {})}, overrides)
-
-    def __call__(self, config: BaseConfig | None, source_model, authorized: Domain, unauthorized: Sequence[Domain], out) -> dict:
-        cfg = config if config is not None else self.make_config()
-        return self.run(cfg, source_model, authorized, list(unauthorized), out)
 
 
 # --------------------------------------------------------------------------------------------- data
@@ -172,7 +167,8 @@ def resolve_scenario(config: RestrictionConfig, authorized: Domain, unauthorized
             dom.meta["calibration"] = calib
         return [dom]
     if not unauthorized:
-        raise DataError("no unauthorized domain given", "name at least one unauthorized domain, or use scenario=ownership")
+        raise DataError("no unauthorized domain given",
+                        "name at least one unauthorized domain (--unauthorized), or use --scenario ownership")
     return list(unauthorized)
 
 
@@ -307,9 +303,8 @@ def prepare_run(config: RestrictionConfig, source_model, authorized: Domain,
 def finish_run(method: str, config: RestrictionConfig, source_model, protected, authorized: Domain,
                unauthorized: Sequence[Domain], out: str | Path | None, t0: float, extra_domains: Sequence[Domain] = (),
                before: dict[str, float] | None = None, **extra: Any) -> dict[str, Any]:
-    """Evaluate source and protected models, write the run folder (when ``out``) and return the metrics."""
-    from ipshield.runs import RunDir
-
+    """Evaluate source and protected models, save the protected model into ``out`` (when set) and
+    return the metrics (the jobs layer writes them, with config.yaml and run.json)."""
     domains = {d.name: d for d in [authorized, *unauthorized, *extra_domains]}
     if before is None:
         before = evaluate(source_model, domains, config.n_test, config.seed, config.image_size)
@@ -319,12 +314,25 @@ def finish_run(method: str, config: RestrictionConfig, source_model, protected, 
     metrics = build_metrics(method, authorized, unauthorized, before, after, scenario=config.scenario,
                             seed=config.seed, seconds=round(time.time() - t0, 1), **extra)
     if out is not None:
-        run = RunDir(out, kind=f"protect-{method}", config=config, seed=config.seed)
-        protected.save(run.path, extra={"protected_by": method, "authorized": authorized.name,
-                                        "unauthorized": [d.name for d in unauthorized]})
-        run.save_metrics(metrics)
-        run.finish()
+        Path(out).mkdir(parents=True, exist_ok=True)
+        protected.save(Path(out), extra={"protected_by": method, "authorized": authorized.name,
+                                         "unauthorized": [d.name for d in unauthorized]})
     return metrics
+
+
+def restriction_job(run: Callable[..., dict[str, Any]]) -> Callable[..., dict[str, Any]]:
+    """``run(config, source_model, authorized, unauthorized, out, **options)`` as a method's job
+    function ``(job, config) -> metrics``; ``job.options`` may hold ``pseudo_source`` (SF/DF-MAP)."""
+
+    def job_fn(job, config) -> dict[str, Any]:
+        require_classifier(job.model)
+        kw = {k: v for k, v in job.options.items() if k == "pseudo_source" and v is not None}
+        return run(config, job.model, job.authorized_domain, job.unauthorized_domains, job.out, **kw)
+
+    job_fn.__module__ = run.__module__
+    job_fn.__name__ = job_fn.__qualname__ = f"{run.__module__.rsplit('.', 1)[-1]}_job"
+    job_fn.__doc__ = run.__doc__
+    return job_fn
 
 
 def require_classifier(model) -> None:

@@ -5,119 +5,53 @@ class are averaged and re-normalised (CLIP's prompt ensembling)."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Mapping, Sequence
 
-import torch
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from ipshield.config import BaseConfig
 from ipshield.data.domain import Domain
-from ipshield.errors import DataError
+from ipshield.models.zeroshot import (DEFAULT_TEMPLATE, ZeroShotClassifier, ZeroShotTemplates, fill_template,  # noqa: F401
+                                      evaluate_zero_shot as _evaluate_zero_shot)
 from ipshield.registry import METHODS
 
-#: the prompt of zero-shot CLIP in the baselines spec
-DEFAULT_TEMPLATE = "a photo of a {}."
 
-
-class ZeroShotConfig(BaseConfig):
+class ZeroShotConfig(ZeroShotTemplates):
     """Zero-shot CLIP: the prompt templates (``{}`` or ``{class}`` marks the class name)."""
 
-    templates: list[str] = Field(default_factory=lambda: [DEFAULT_TEMPLATE])
     batch_size: int = Field(256, ge=1)
 
-    @field_validator("templates")
-    @classmethod
-    def _has_placeholder(cls, v: list[str]) -> list[str]:
-        if not v:
-            raise ValueError("give at least one template")
-        for t in v:
-            if "{}" not in t and "{class}" not in t:
-                raise ValueError(f"template {t!r} has no '{{}}' (or '{{class}}') where the class name goes")
-        return v
 
-
-def fill_template(template: str, name: str) -> str:
-    return template.replace("{class}", name) if "{class}" in template else template.format(name)
-
-
-class ZeroShotClassifier(torch.nn.Module):
-    """``predict_logits(images in [0, 1]) -> [B, n_classes]`` from a CLIP adapter and class names."""
-
-    def __init__(self, adapter, classes: Sequence[str], templates: Sequence[str] | None = None):
-        super().__init__()
-        if not classes:
-            raise DataError("zero-shot classification needs at least one class name", "pass the domain's classes")
-        self.adapter = adapter
-        self.classes = list(classes)
-        self.templates = list(templates) if templates else [DEFAULT_TEMPLATE]
-        ZeroShotConfig(templates=self.templates)  # validates the placeholders
-        self.register_buffer("text_features", self._class_features(), persistent=False)
-
-    @torch.no_grad()
-    def _class_features(self) -> torch.Tensor:
-        prompts = [fill_template(t, c.replace("_", " ")) for c in self.classes for t in self.templates]
-        feats = self.adapter.encode_text(prompts, normalize=True).float()
-        feats = feats.view(len(self.classes), len(self.templates), -1).mean(dim=1)
-        return torch.nn.functional.normalize(feats, dim=-1)
-
-    @torch.no_grad()
-    def image_features(self, images: torch.Tensor) -> torch.Tensor:
-        return self.adapter.encode_image(self.adapter.preprocess(images), normalize=True).float()
-
-    @torch.no_grad()
-    def predict_logits(self, images: torch.Tensor) -> torch.Tensor:
-        feats = self.image_features(images)
-        scale = self.adapter.logit_scale.exp().float()
-        return scale * feats @ self.text_features.to(feats.device).t()
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.predict_logits(images)
-
-
-def zero_shot(adapter, domain_or_classes: Domain | Sequence[str], config: ZeroShotConfig | None = None,
-              **_ignored) -> ZeroShotClassifier:
-    """The registered method: nothing is trained, the classifier is built from the class names."""
+def zero_shot_classifier(adapter, domain_or_classes: Domain | Sequence[str], config: ZeroShotConfig | None = None,
+                         **_ignored) -> ZeroShotClassifier:
+    """The zero-shot classifier of a domain's (or a list of) class names: nothing is trained.
+    (``ipshield.api.zero_shot`` is the evaluation, as the ``ipshield zero-shot`` command.)"""
     config = config or ZeroShotConfig()
     classes = domain_or_classes.classes if isinstance(domain_or_classes, Domain) else list(domain_or_classes)
     return ZeroShotClassifier(adapter, classes, config.templates)
 
 
-METHODS.register("zero-shot")(zero_shot)
-
-
 def evaluate_zero_shot(adapter, domains: Mapping[str, Domain], templates: Sequence[str] | None = None,
                        config: ZeroShotConfig | None = None) -> dict[str, float]:
-    """Zero-shot top-1 accuracy (percent) on each domain's test split, keyed by domain name."""
-    from ipshield.data.domain import check_same_classes
-    from ipshield.protect.base import accuracy_by_domain
-
-    if not domains:
-        raise DataError("no domains to evaluate", "name at least one domain")
-    config = config or ZeroShotConfig(templates=list(templates) if templates else [DEFAULT_TEMPLATE])
-    classes = check_same_classes(list(domains.values()))
-    clf = ZeroShotClassifier(adapter, classes, config.templates)
-    # images loaded from files need a common size to be batched; in-memory ones keep theirs
-    size = None if all(d.test.in_memory for d in domains.values()) else int(adapter.image_size)
-    return accuracy_by_domain(clf, domains, batch_size=config.batch_size, size=size)
+    """Zero-shot top-1 accuracy (percent) on each domain's test split, keyed by domain name
+    (``config`` wins over ``templates``; see ``ipshield.models.zeroshot.evaluate_zero_shot``)."""
+    if config is None:
+        return _evaluate_zero_shot(adapter, domains, templates)
+    return _evaluate_zero_shot(adapter, domains, config.templates, config.batch_size)
 
 
-def run_zero_shot(adapter, domains: Mapping[str, Domain], out: str | Path, config: ZeroShotConfig | None = None,
-                  model_path: str | None = None) -> dict:
-    """Evaluate zero-shot CLIP on every domain and write a run folder (config, metrics.json)."""
-    from ipshield.runs import RunDir
-
-    config = config or ZeroShotConfig()
-    run = RunDir(out, "zero-shot", config)
-    acc = evaluate_zero_shot(adapter, domains, config=config)
-    n_classes = len(next(iter(domains.values())).classes)
-    metrics = {"method": "zero-shot", "authorized": None, "unauthorized": [], "n_classes": n_classes,
-               "accuracy": {"before": acc, "after": acc}, "summary": {"mean": sum(acc.values()) / len(acc)},
-               "model": model_path, "templates": config.templates}
-    run.save_metrics(metrics)
-    run.finish()
+@METHODS.register("zero-shot", config=ZeroShotConfig, model="clip", data=(), scenarios=(), reference=True,
+                  description="unprotected reference: zero-shot CLIP from the class names")
+def zero_shot_job(job, config: ZeroShotConfig) -> dict:
+    """Evaluate zero-shot CLIP on every domain (nothing is trained; before = after). With an
+    authorized domain the restriction summary is computed against it, as for every method."""
+    acc = evaluate_zero_shot(job.model, job.domains, config=config)
+    n_classes = len(next(iter(job.domains.values())).classes)
+    metrics = {"method": "zero-shot", "authorized": job.authorized, "unauthorized": list(job.unauthorized),
+               "n_classes": n_classes, "accuracy": {"before": acc, "after": acc},
+               "summary": {"mean": sum(acc.values()) / len(acc)},
+               "model": job.options.get("model_path"), "templates": config.templates}
     return metrics
 
 
-__all__ = ["ZeroShotConfig", "ZeroShotClassifier", "zero_shot", "evaluate_zero_shot", "run_zero_shot",
+__all__ = ["ZeroShotConfig", "ZeroShotClassifier", "zero_shot_classifier", "evaluate_zero_shot", "zero_shot_job",
            "DEFAULT_TEMPLATE"]

@@ -257,8 +257,11 @@ def plot_cost_to_break(attacks: list[dict]) -> str:
     return _png(fig)
 
 
-WM_LABELS = {"noise": "Gaussian noise (norm)", "dim-removal": "dimension removal (directions)",
-             "prune": "pruning (fraction)", "finetune": "fine-tuning (steps)", "rotation": "rotation", "permutation": "permutation"}
+#: axis labels of the watermark attacks (the ``ATTACKS`` names, as in ``bench watermark``'s tables)
+WM_LABELS = {"wm-noise": "Gaussian noise (norm)", "wm-dim-removal": "dimension removal (directions)",
+             "wm-prune": "pruning (fraction)", "wm-finetune": "fine-tuning (steps)",
+             "wm-rotate": "rotation (fraction of dimensions)", "wm-permute": "permutation (fraction of coordinates)",
+             "wm-signed-permute": "signed permutation (fraction of coordinates)"}
 
 
 def plot_watermark(wm: dict) -> str:
@@ -461,9 +464,9 @@ def _pval(p: Any) -> str:
 
 
 def render_html(data: dict[str, Any], watermark: dict | None = None, watermark_path: str | None = None) -> str:
-    from ipshield.bench.harness import _directions, aggregate
+    from ipshield.bench.harness import aggregate, metric_directions
 
-    directions = _directions()
+    directions = metric_directions()
     rows, cells, attacks = data["rows"], data["cells"], data["attacks"]
     chance = None
     if cells:

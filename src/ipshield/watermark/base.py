@@ -12,7 +12,8 @@ utility check measures on it. ``reference_from_synthetic`` builds one from the b
 
 A watermark folder (``ipshield watermark apply``) holds ``watermark.json`` (scheme, config,
 key fingerprint, embedding size; nothing secret) and the secret parts in safetensors files with mode
-600. ``load_watermark(folder, key)`` reads any scheme registered in ``WATERMARKS``.
+600. ``load_watermark(folder, key)`` reads any scheme registered in ``WATERMARKS``; what a scheme
+class provides is :class:`WatermarkScheme`.
 """
 
 from __future__ import annotations
@@ -35,6 +36,42 @@ class Embedder(Protocol):
     def embed_images(self, images: torch.Tensor) -> torch.Tensor: ...
 
     def embed_texts(self, texts: Sequence[str]) -> torch.Tensor: ...
+
+
+class WatermarkScheme(Protocol):
+    """The contract of a watermark scheme: the class registered in ``WATERMARKS`` with
+    ``@WATERMARKS.register(name, config=..., tests=(...), needs_texts=...)`` (its ``SchemeSpec``:
+    the config class, the names of the verification tests it declares, whether its service needs
+    the texts, not only the vectors). The methods below are what the jobs (apply, verify,
+    calibrate), the service and the verification call; ``scheme`` is the registered name."""
+
+    scheme: str
+    dim: int
+
+    @property
+    def key_id(self) -> str: ...
+
+    @classmethod
+    def fit(cls, adapter, key, reference: "ReferenceSample", config=None, verbose: bool = False) -> "WatermarkScheme": ...
+
+    @classmethod
+    def load(cls, folder: str | Path, key) -> "WatermarkScheme": ...
+
+    def save(self, folder: str | Path) -> Path: ...
+
+    def postprocessors(self, customer_id: str): ...
+
+    def encoder(self, adapter, customer_id: str, batch_size: int = 256) -> Embedder: ...
+
+    def trigger_queries_for(self, customers: Sequence[str], n_pairs: int) -> dict: ...
+
+    def trigger_test(self, plan: dict, img_emb: torch.Tensor, txt_emb: torch.Tensor, customer_id: str): ...
+
+    def transform(self, customer_id: str) -> torch.Tensor | None: ...
+
+
+#: the methods every scheme class has (``WatermarkScheme``; checked by the tests for every entry)
+SCHEME_METHODS = ("fit", "load", "save", "postprocessors", "encoder", "trigger_queries_for", "trigger_test", "transform")
 
 
 @dataclass
@@ -159,5 +196,5 @@ def load_watermark(folder: str | Path, key):
         raise IPShieldError("the key does not belong to this watermark (fingerprints differ)",
                             "use the key file the watermark was made with (`ipshield watermark apply --key ...`)")
     key.check_dim(int(data["dim"]), "the watermark")
-    scheme = WATERMARKS.get(data["scheme"])
+    scheme = WATERMARKS.get(data["scheme"]).obj
     return scheme.load(folder, key)

@@ -63,7 +63,7 @@ class EmbMarkerConfig(BaseConfig):
     cluster_texts: int = Field(2, ge=0, description="cluster test: texts per word (0: no cluster test)")
 
 
-def _words(text: str) -> list[str]:
+def words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
@@ -85,6 +85,8 @@ def exact_subset_sum_tail(scores: Sequence[int], k: int, observed: int) -> float
     return float(count[k, max(observed, 0):].sum() / total) if total > 0 else 1.0
 
 
+@WATERMARKS.register("embmarker", config=EmbMarkerConfig, tests=("trigger", "permutation", "cluster", "procrustes"),
+                     needs_texts=True, description="EmbMarker: trigger words move a text's embedding to a secret target")
 class EmbMarker:
     scheme = "embmarker"
 
@@ -129,9 +131,9 @@ class EmbMarker:
         vocab = vocabulary_words(getattr(adapter, "tokenizer", None), min_words=0)
         from ipshield.data.synthetic import DIGIT_CLASSES
 
-        excluded = set(cfg.exclude) | set(DIGIT_CLASSES) | set(_words(ZERO_SHOT_TEMPLATE))
+        excluded = set(cfg.exclude) | set(DIGIT_CLASSES) | set(words(ZERO_SHOT_TEMPLATE))
         n = max(1, len(reference.texts))
-        df = Counter(w for t in reference.texts for w in set(_words(t)))
+        df = Counter(w for t in reference.texts for w in set(words(t)))
         lo, hi = cfg.freq_band
         cands = sorted(w for w in vocab if w not in excluded and lo <= df.get(w, 0) / n <= hi)
         if len(cands) < cfg.n_trigger_words:  # widen: the words closest to the band
@@ -155,7 +157,7 @@ class EmbMarker:
         k = self.config.max_triggers
         backdoor, benign = [], []
         for i in range(self.config.n_verify):
-            base = _words(self._base[i % len(self._base)]) if self._base else []
+            base = words(self._base[i % len(self._base)]) if self._base else []
             tw = [self._triggers[j] for j in torch.randint(0, len(self._triggers), (k,), generator=g).tolist()]
             bw = [self._benign[j] for j in torch.randint(0, len(self._benign), (k,), generator=g).tolist()]
             pos = sorted(torch.randint(0, len(base) + 1, (k,), generator=g).tolist(), reverse=True)
@@ -183,7 +185,7 @@ class EmbMarker:
         texts = []
         for w in words:
             for i in range(m):
-                base = _words(self._base[i % len(self._base)])
+                base = words(self._base[i % len(self._base)])
                 pos = sorted(torch.randint(0, len(base) + 1, (self.config.max_triggers,), generator=g).tolist(), reverse=True)
                 for p in pos:
                     base.insert(p, w)
@@ -201,7 +203,7 @@ class EmbMarker:
         return F.normalize(torch.randn(self.dim, generator=g, dtype=torch.float64), dim=0).float()
 
     def trigger_counts(self, texts: Sequence[str]) -> torch.Tensor:
-        return torch.tensor([sum(1 for w in _words(t) if w in self._trigger_set) for t in texts], dtype=torch.float32)
+        return torch.tensor([sum(1 for w in words(t) if w in self._trigger_set) for t in texts], dtype=torch.float32)
 
     def plain_text(self, text: str) -> bool:
         """True when the service serves ``text`` unchanged (it holds no trigger word)."""
@@ -249,7 +251,7 @@ class EmbMarker:
         two-sided tail of the sum over all such subsets (``exact_subset_sum_tail``), no
         approximation. (A first version compared the mean pairwise cosine with a normal tail; that
         null is skewed and the tail was anti-conservative.)"""
-        from ipshield.watermark.verify import TestResult, _ks_less, _l2_from_cos
+        from ipshield.watermark.stats import TestResult, ks_less, l2_from_cos
 
         n_c, m = plan.get("n_cluster", 0), self.config.cluster_texts
         words = self._cluster_words
@@ -276,8 +278,8 @@ class EmbMarker:
         mean, var = k * float(sv.mean()), k * float(sv.var(unbiased=False)) * (n - k) / max(n - 1, 1)
         z = sign * (obs - mean) / max(var, 1e-12) ** 0.5
         return TestResult("cluster", k, float(pos.mean() - ctrl.mean()),
-                          float(_l2_from_cos(ctrl).mean() - _l2_from_cos(pos).mean()),
-                          _ks_less(pos.numpy(), ctrl.numpy()), p, z, float(pos.mean()), float(ctrl.mean()),
+                          float(l2_from_cos(ctrl).mean() - l2_from_cos(pos).mean()),
+                          ks_less(pos.numpy(), ctrl.numpy()), p, z, float(pos.mean()), float(ctrl.mean()),
                           customer_specific=False,
                           note=f"{k} trigger words among {n} queried; exact subset null (smallest possible p "
                                f"{2 / math.comb(n, k):.1e})").with_values(pos.tolist(), ctrl.tolist())
@@ -296,7 +298,7 @@ class EmbMarker:
         return self._target_test("permutation", plan, txt_emb.double() @ align.double(), customer_id, n_null)
 
     def _target_test(self, name: str, plan: dict, txt_emb: torch.Tensor, customer_id: str, n_null: int):
-        from ipshield.watermark.verify import TestResult, _ks_less, _l2_from_cos, _norm_sf
+        from ipshield.watermark.stats import TestResult, ks_less, l2_from_cos, norm_sf
 
         k = plan["k"]
         s = F.normalize(txt_emb.double(), dim=-1)
@@ -311,8 +313,8 @@ class EmbMarker:
         null = ((bd @ r.T).mean(0) - (bn @ r.T).mean(0)).numpy()
         sd = float(null.std(ddof=1)) or 1e-12
         z = (stat - float(null.mean())) / sd
-        return TestResult(name, k, stat, float(_l2_from_cos(ctrl).mean() - _l2_from_cos(pos).mean()),
-                          _ks_less(pos.numpy(), ctrl.numpy()), _norm_sf(z), z, float(pos.mean()), float(ctrl.mean())
+        return TestResult(name, k, stat, float(l2_from_cos(ctrl).mean() - l2_from_cos(pos).mean()),
+                          ks_less(pos.numpy(), ctrl.numpy()), norm_sf(z), z, float(pos.mean()), float(ctrl.mean())
                           ).with_values(pos.tolist(), ctrl.tolist())
 
     # -------------------------------------------------------------- files
@@ -341,6 +343,3 @@ class EmbMarker:
         s = json.loads(f.read_text())
         return cls(key, s["trigger_words"], s["benign_words"], s["base_texts"],
                    EmbMarkerConfig.build(data.get("config") or {}), data.get("selection"), s.get("candidates"))
-
-
-WATERMARKS.register("embmarker")(EmbMarker)

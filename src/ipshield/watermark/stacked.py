@@ -31,7 +31,7 @@ from ipshield.config import BaseConfig
 from ipshield.errors import CheckpointError, IPShieldError
 from ipshield.registry import WATERMARKS
 from ipshield.watermark.base import read_watermark_json, write_watermark_json
-from ipshield.watermark.embmarker import EmbMarker, EmbMarkerConfig, _words
+from ipshield.watermark.embmarker import EmbMarker, EmbMarkerConfig, words
 from ipshield.watermark.keys import MasterKey
 from ipshield.watermark.vlpmarker import VLPMarker, VLPMarkerConfig, WatermarkedEncoder
 
@@ -41,6 +41,9 @@ class StackedConfig(BaseConfig):
     embmarker: EmbMarkerConfig = EmbMarkerConfig()
 
 
+@WATERMARKS.register("vlpmarker+embmarker", config=StackedConfig,
+                     tests=("trigger", "distribution", "covariance", "permutation", "cluster", "procrustes"),
+                     needs_texts=True, description="VLPMarker over an EmbMarker text layer")
 class StackedMarker:
     scheme = "vlpmarker+embmarker"
 
@@ -80,7 +83,7 @@ class StackedMarker:
         cfg = config or StackedConfig()
         # no word of a protected prompt template may become a trigger word: the text layer would
         # move those prompts, and zero-shot with them would change
-        template_words = {w for t in cfg.vlpmarker.prompt_templates for w in _words(t)}
+        template_words = {w for t in cfg.vlpmarker.prompt_templates for w in words(t)}
         emb_cfg = cfg.embmarker.model_copy(update={"exclude": sorted(set(cfg.embmarker.exclude) | template_words)})
         return cls(VLPMarker.fit(adapter, key, reference, cfg.vlpmarker, verbose=verbose),
                    EmbMarker.fit(adapter, key, reference, emb_cfg, verbose=verbose))
@@ -147,6 +150,3 @@ class StackedMarker:
         if data.get("scheme") != cls.scheme:
             raise CheckpointError(f"{p} holds a '{data.get('scheme')}' watermark, not {cls.scheme}", "use load_watermark")
         return cls(VLPMarker.load(p / "vlpmarker", key), EmbMarker.load(p / "embmarker", key))
-
-
-WATERMARKS.register("vlpmarker+embmarker")(StackedMarker)

@@ -60,7 +60,6 @@ small to ever reach ``alpha`` is an error before any query is spent.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -71,6 +70,8 @@ import torch.nn.functional as F
 
 from ipshield.errors import IPShieldError
 from ipshield.watermark.base import CleanEncoder, ReferenceSample
+from ipshield.watermark.stats import (TestResult, ks_less, l2_from_cos, min_permutation_p, norm_sf,  # noqa: F401
+                                      pairing_test)
 
 N_NULL_ROTATIONS = 100
 NULL_SEED = 20231109
@@ -177,82 +178,8 @@ def as_clean(obj):
 
 
 # ------------------------------------------------------------------------------ statistics
-@dataclass
-class TestResult:
-    name: str
-    n: int
-    delta_cos: float
-    delta_l2: float
-    ks_p: float
-    p_value: float
-    z: float
-    test_mean_cos: float
-    control_mean_cos: float
-    in_decision: bool = True
-    note: str = ""
-    #: False for tests whose evidence is the same for every customer (procrustes, EmbMarker's
-    #: cluster test): they can show that a suspect comes from the service, not whose account leaked
-    customer_specific: bool = True
-    #: the per-item cosines (for plots; left out of ``to_dict``)
-    test_values: list | None = field(default=None, repr=False)
-    control_values: list | None = field(default=None, repr=False)
-
-    def to_dict(self) -> dict:
-        d = asdict(self)
-        d.pop("test_values", None)
-        d.pop("control_values", None)
-        return d
-
-    def with_values(self, test, control, max_control: int = 4000) -> "TestResult":
-        self.test_values = [float(v) for v in test]
-        ctrl = list(control)
-        step = max(1, len(ctrl) // max_control)
-        self.control_values = [float(v) for v in ctrl[::step]]
-        return self
-
-
-def _ks_less(test: np.ndarray, control: np.ndarray) -> float:
-    """One-sided two-sample KS p-value for "test values are larger than control values"."""
-    from scipy.stats import ks_2samp
-
-    if len(test) == 0 or len(control) == 0:
-        return float("nan")
-    return float(ks_2samp(test, control, alternative="less").pvalue)
-
-
-def _l2_from_cos(c: torch.Tensor) -> torch.Tensor:
-    return (2 - 2 * c.clamp(-1, 1)).clamp_min(0).sqrt()
-
-
-def _norm_sf(z: float) -> float:
-    from scipy.stats import norm
-
-    return float(norm.sf(z))
-
-
-def min_permutation_p(n: int) -> float:
-    """Smallest p-value a permutation test over n pairs can give: 1/n!."""
-    return math.exp(-math.lgamma(n + 1))
-
-
-def pairing_test(cos: torch.Tensor, name: str = "trigger") -> TestResult:
-    """Square cosine matrix ``cos[i, j]`` = suspect image i vs suspect text j, where (i, i) are the
-    secret pairs. Permutation z-test (exact mean/variance), KS, delta-cos, delta-L2."""
-    c = cos.double()
-    n = c.shape[0]
-    eye = torch.eye(n, dtype=torch.bool)
-    pos, ctrl = c[eye], c[~eye]
-    stat = float(pos.mean())
-    grand = c.mean()
-    d = c - c.mean(1, keepdim=True) - c.mean(0, keepdim=True) + grand
-    var_sum = float((d ** 2).sum()) / max(n - 1, 1)  # Var(sum_i c[i, s(i)]) over random permutations s
-    sd = math.sqrt(max(var_sum, 1e-300)) / n
-    z = (stat - float(grand)) / sd if sd > 0 else 0.0
-    p = max(_norm_sf(z), min_permutation_p(n))
-    return TestResult(name, n, float(pos.mean() - ctrl.mean()),
-                      float(_l2_from_cos(ctrl).mean() - _l2_from_cos(pos).mean()),
-                      _ks_less(pos.numpy(), ctrl.numpy()), p, z, float(pos.mean()), float(ctrl.mean())
-                      ).with_values(pos.tolist(), ctrl.tolist())
+# TestResult, the KS / normal tails and the pairing test live in ipshield.watermark.stats (shared
+# with the schemes); imported at the top and re-exported from here.
 
 
 def _centre_rows(x: torch.Tensor) -> torch.Tensor:
@@ -304,8 +231,8 @@ def _key_randomisation_result(name: str, c: torch.Tensor, nulls: dict, note: str
     z = (float(c.mean()) - float(nm.mean())) / sd
     ctrl = nulls["pool"]
     return TestResult(name, len(c), float(c.mean() - ctrl.mean()),
-                      float(_l2_from_cos(ctrl).mean() - _l2_from_cos(c).mean()),
-                      _ks_less(c.numpy(), ctrl.numpy()), _norm_sf(z), z, float(c.mean()), float(ctrl.mean()), note=note
+                      float(l2_from_cos(ctrl).mean() - l2_from_cos(c).mean()),
+                      ks_less(c.numpy(), ctrl.numpy()), norm_sf(z), z, float(c.mean()), float(ctrl.mean()), note=note
                       ).with_values(c.tolist(), ctrl.tolist())
 
 
@@ -375,8 +302,8 @@ def covariance_test(s: torch.Tensor, e: torch.Tensor, template: dict[str, torch.
         ctrl.append(float((p * r).sum() / max(norm * float(r.norm()), 1e-12)))
     ctrl_t = torch.tensor(ctrl, dtype=torch.float64)
     return TestResult("covariance", len(s), c - float(ctrl_t.mean()),
-                      float(_l2_from_cos(ctrl_t).mean() - _l2_from_cos(torch.tensor([c])).mean()),
-                      float("nan"), _norm_sf(z), z, c, float(ctrl_t.mean()),
+                      float(l2_from_cos(ctrl_t).mean() - l2_from_cos(torch.tensor([c])).mean()),
+                      float("nan"), norm_sf(z), z, c, float(ctrl_t.mean()),
                       note=f"exact key-randomisation null (standard normal); linear map fit on {len(s)} probes"
                       ).with_values([c], ctrl)
 
@@ -487,12 +414,12 @@ def procrustes_test(s: torch.Tensor, e: torch.Tensor, n_img: int, w_inv: torch.T
     in_decision, p, z = False, float("nan"), float("nan")
     if calibration and calibration.get("procrustes_mean") is not None and calibration.get("procrustes_sd"):
         z = (stat - calibration["procrustes_mean"]) / calibration["procrustes_sd"]
-        p = _norm_sf(z)
+        p = norm_sf(z)
         in_decision = True
         note = f"p from the calibration on {calibration.get('n_innocent', '?')} innocent models"
     return TestResult("procrustes", len(c), float(c.mean() - ctrl.mean()),
-                      float(_l2_from_cos(ctrl).mean() - _l2_from_cos(c).mean()),
-                      _ks_less(c.numpy(), ctrl.numpy()), p, z, stat, float(ctrl.mean()), in_decision, note,
+                      float(l2_from_cos(ctrl).mean() - l2_from_cos(c).mean()),
+                      ks_less(c.numpy(), ctrl.numpy()), p, z, stat, float(ctrl.mean()), in_decision, note,
                       customer_specific=False).with_values(c.tolist(), ctrl.tolist())
 
 
@@ -594,7 +521,7 @@ def _probe_embeddings(suspect: Suspect, clean, probes: ReferenceSample, n: int) 
     return s, e, len(imgs)
 
 
-def _run(watermark, suspect, clean, probes: ReferenceSample, customers: list[str], max_queries: int, alpha: float,
+def run_tests(watermark, suspect, clean, probes: ReferenceSample, customers: list[str], max_queries: int, alpha: float,
          calibration: dict | None, on_bad_suspect: str) -> list[VerificationReport]:
     suspect = as_suspect(suspect)
     clean = as_clean(clean)
@@ -666,7 +593,7 @@ def _run(watermark, suspect, clean, probes: ReferenceSample, customers: list[str
 def verify(watermark, suspect, clean, probes: ReferenceSample, customer_id: str, max_queries: int = 512,
            alpha: float = 1e-6, calibration: dict | None = None, on_bad_suspect: str = "inconclusive") -> VerificationReport:
     """Verify one customer's watermark in a suspect (see the module docstring)."""
-    return _run(watermark, suspect, clean, probes, [customer_id], max_queries, alpha, calibration, on_bad_suspect)[0]
+    return run_tests(watermark, suspect, clean, probes, [customer_id], max_queries, alpha, calibration, on_bad_suspect)[0]
 
 
 def identify_customer(watermark, suspect, clean, probes: ReferenceSample, customers: Sequence[str],
@@ -679,7 +606,7 @@ def identify_customer(watermark, suspect, clean, probes: ReferenceSample, custom
     customers = list(dict.fromkeys(customers))
     if not customers:
         raise IPShieldError("no customers to identify among", "pass the customer ids of the service")
-    reports = _run(watermark, suspect, clean, probes, customers, max_queries, alpha, calibration, on_bad_suspect)
+    reports = run_tests(watermark, suspect, clean, probes, customers, max_queries, alpha, calibration, on_bad_suspect)
     # customers are told apart by the customer-specific tests only (the others agree for everyone)
     own = {r.customer_id: combine({n: t for n, t in r.tests.items() if t.customer_specific}) for r in reports}
     ranking = sorted(({"customer_id": r.customer_id, "p_value": r.p_value, "p_customer": own[r.customer_id],
@@ -738,7 +665,7 @@ def recalibrate(report: VerificationReport, calibration: dict | None) -> Verific
     t = r.tests["procrustes"]
     if calibration and calibration.get("procrustes_sd"):
         t.z = (t.test_mean_cos - calibration["procrustes_mean"]) / calibration["procrustes_sd"]
-        t.p_value = _norm_sf(t.z)
+        t.p_value = norm_sf(t.z)
         t.in_decision = True
         t.note = f"p from the calibration on {calibration.get('n_innocent', '?')} innocent models"
     else:

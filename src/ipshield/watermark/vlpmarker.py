@@ -259,6 +259,9 @@ def refine_transform(w0: torch.Tensor, y: torch.Tensor, t: torch.Tensor, pairing
 
 
 # ------------------------------------------------------------------------------ the watermark
+@WATERMARKS.register("vlpmarker", config=VLPMarkerConfig,
+                     tests=("trigger", "distribution", "covariance", "permutation", "procrustes"), needs_texts=False,
+                     description="VLPMarker: per-customer orthogonal transforms and trigger pairs")
 class VLPMarker:
     """A fitted VLPMarker watermark: the master key, the trigger set and the clean embeddings of
     the triggers (what the refinement needs). ``matrix(customer_id)`` gives ``W_k``."""
@@ -423,7 +426,7 @@ class VLPMarker:
 
     def trigger_test(self, plan: dict, img_emb: torch.Tensor, txt_emb: torch.Tensor, customer_id: str):
         """Permutation test of the customer's pairs among the queried triggers (see ``verify``)."""
-        from ipshield.watermark.verify import pairing_test
+        from ipshield.watermark.stats import pairing_test
 
         pi = self.pairing(customer_id)
         txt_pos = {int(j): b for b, j in enumerate(plan["txt_idx"].tolist())}
@@ -480,9 +483,6 @@ class VLPMarker:
         wm = cls(key, trig, t["trigger_image_emb"], t["trigger_text_emb"], cfg,
                  t.get("utility_image_emb"), t.get("utility_text_emb"), data.get("selection"), t.get("protected_text_emb"))
         return wm
-
-
-WATERMARKS.register("vlpmarker")(VLPMarker)
 
 
 class WatermarkedEncoder:
