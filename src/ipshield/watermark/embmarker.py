@@ -63,7 +63,7 @@ class EmbMarkerConfig(BaseConfig):
     cluster_texts: int = Field(2, ge=0, description="cluster test: texts per word (0: no cluster test)")
 
 
-def words(text: str) -> list[str]:
+def split_words(text: str) -> list[str]:
     return _WORD.findall(text.lower())
 
 
@@ -131,9 +131,9 @@ class EmbMarker:
         vocab = vocabulary_words(getattr(adapter, "tokenizer", None), min_words=0)
         from ipshield.data.synthetic import DIGIT_CLASSES
 
-        excluded = set(cfg.exclude) | set(DIGIT_CLASSES) | set(words(ZERO_SHOT_TEMPLATE))
+        excluded = set(cfg.exclude) | set(DIGIT_CLASSES) | set(split_words(ZERO_SHOT_TEMPLATE))
         n = max(1, len(reference.texts))
-        df = Counter(w for t in reference.texts for w in set(words(t)))
+        df = Counter(w for t in reference.texts for w in set(split_words(t)))
         lo, hi = cfg.freq_band
         cands = sorted(w for w in vocab if w not in excluded and lo <= df.get(w, 0) / n <= hi)
         if len(cands) < cfg.n_trigger_words:  # widen: the words closest to the band
@@ -157,7 +157,7 @@ class EmbMarker:
         k = self.config.max_triggers
         backdoor, benign = [], []
         for i in range(self.config.n_verify):
-            base = words(self._base[i % len(self._base)]) if self._base else []
+            base = split_words(self._base[i % len(self._base)]) if self._base else []
             tw = [self._triggers[j] for j in torch.randint(0, len(self._triggers), (k,), generator=g).tolist()]
             bw = [self._benign[j] for j in torch.randint(0, len(self._benign), (k,), generator=g).tolist()]
             pos = sorted(torch.randint(0, len(base) + 1, (k,), generator=g).tolist(), reverse=True)
@@ -185,7 +185,7 @@ class EmbMarker:
         texts = []
         for w in words:
             for i in range(m):
-                base = words(self._base[i % len(self._base)])
+                base = split_words(self._base[i % len(self._base)])
                 pos = sorted(torch.randint(0, len(base) + 1, (self.config.max_triggers,), generator=g).tolist(), reverse=True)
                 for p in pos:
                     base.insert(p, w)
@@ -203,7 +203,7 @@ class EmbMarker:
         return F.normalize(torch.randn(self.dim, generator=g, dtype=torch.float64), dim=0).float()
 
     def trigger_counts(self, texts: Sequence[str]) -> torch.Tensor:
-        return torch.tensor([sum(1 for w in words(t) if w in self._trigger_set) for t in texts], dtype=torch.float32)
+        return torch.tensor([sum(1 for w in split_words(t) if w in self._trigger_set) for t in texts], dtype=torch.float32)
 
     def plain_text(self, text: str) -> bool:
         """True when the service serves ``text`` unchanged (it holds no trigger word)."""

@@ -31,7 +31,7 @@ from ipshield.config import BaseConfig
 from ipshield.errors import CheckpointError, IPShieldError
 from ipshield.registry import WATERMARKS
 from ipshield.watermark.base import read_watermark_json, write_watermark_json
-from ipshield.watermark.embmarker import EmbMarker, EmbMarkerConfig, words
+from ipshield.watermark.embmarker import EmbMarker, EmbMarkerConfig, split_words
 from ipshield.watermark.keys import MasterKey
 from ipshield.watermark.vlpmarker import VLPMarker, VLPMarkerConfig, WatermarkedEncoder
 
@@ -83,7 +83,7 @@ class StackedMarker:
         cfg = config or StackedConfig()
         # no word of a protected prompt template may become a trigger word: the text layer would
         # move those prompts, and zero-shot with them would change
-        template_words = {w for t in cfg.vlpmarker.prompt_templates for w in words(t)}
+        template_words = {w for t in cfg.vlpmarker.prompt_templates for w in split_words(t)}
         emb_cfg = cfg.embmarker.model_copy(update={"exclude": sorted(set(cfg.embmarker.exclude) | template_words)})
         return cls(VLPMarker.fit(adapter, key, reference, cfg.vlpmarker, verbose=verbose),
                    EmbMarker.fit(adapter, key, reference, emb_cfg, verbose=verbose))
