@@ -444,7 +444,7 @@ def test_embmarker_verifies_its_own_stolen_copy(setup, teacher_dir, innocent_dir
     from ipshield.watermark.embmarker import EmbMarker, EmbMarkerConfig
     from ipshield.watermark.verify import Suspect, verify
 
-    assert WATERMARKS.get("embmarker") is EmbMarker and WATERMARKS.get("vlpmarker").__name__ == "VLPMarker"
+    assert WATERMARKS.get("embmarker").obj is EmbMarker and WATERMARKS.get("vlpmarker").obj.__name__ == "VLPMarker"
     zs = _zero_shot_mean(teacher_dir)
     if zs < 25:
         pytest.skip(f"the test small CLIP is at chance level (zero-shot mean {zs:.1f}%): nothing worth stealing")

@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Mapping, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
@@ -57,6 +57,26 @@ class BaseConfig(BaseModel):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def resolve_config(cls: type[C], config: Any = None, overrides: list[str] | None = None,
+                   defaults: Mapping[str, Any] | None = None, what: str = "", **extra: Any) -> C:
+    """The validated config of class ``cls`` from what a caller gives: an instance is used as given
+    (``extra`` values that are not None and ``overrides`` applied on top), a mapping (or None) is
+    read as data over ``defaults``. ``extra`` keys the class has no field for are ignored (e.g. a
+    seed for a config without one)."""
+    extra = {k: v for k, v in extra.items() if v is not None and k in cls.model_fields}
+    if config is not None and hasattr(config, "to_dict"):
+        if not isinstance(config, cls):
+            raise ConfigError(f"{type(config).__name__} is not the config of {what or cls.__name__}",
+                              f"give a {cls.__name__}")
+        if not extra and not overrides:
+            return config
+        return cls.build({**config.to_dict(), **extra}, list(overrides or []))
+    if config is not None and not isinstance(config, Mapping):
+        raise ConfigError(f"the config of {what or cls.__name__} must be a {cls.__name__} or a mapping "
+                          f"(got {type(config).__name__})", "pass config={'key': value} or a config instance")
+    return cls.build({**dict(defaults or {}), **dict(config or {}), **extra}, list(overrides or []))
 
 
 def read_yaml(path: str | Path | None) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ipshield.config import resolve_config
 from ipshield.errors import DataError, IPShieldError
 from ipshield.job import Job
 from ipshield.registry import METHODS, MethodSpec
@@ -34,22 +35,10 @@ def build_config(spec: MethodSpec, config: Any = None, overrides: Sequence[str] 
                  scenario: str | None = None, seed: int | None = None, device: str | None = None):
     """The validated config of ``spec``: an instance is used as given (``overrides``, ``scenario``,
     ``seed`` and ``device`` applied on top), a mapping is read as data over the entry's defaults."""
-    fields = set(getattr(spec.config, "model_fields", {}))
-    extra: dict[str, Any] = {}
-    if scenario is not None and "scenario" in fields:
-        extra["scenario"] = scenario
-    if seed is not None and "seed" in fields:
-        extra["seed"] = seed
-    if device is not None and "device" in fields:
-        extra["device"] = device
-    if config is not None and hasattr(config, "to_dict"):
-        if not isinstance(config, spec.config):
-            raise IPShieldError(f"{type(config).__name__} is not the config of '{spec.name}'",
-                                f"give a {spec.config.__name__}")
-        if not extra and not overrides:
-            return config
-        return spec.config.build({**config.to_dict(), **extra}, list(overrides or []))
-    return spec.make_config({**dict(config or {}), **extra}, list(overrides or []))
+    if spec.config is None:
+        raise IPShieldError(f"protection method '{spec.name}' has no config class", "register it with config=...")
+    extra = {"scenario": scenario, "seed": seed, "device": device}
+    return resolve_config(spec.config, config, overrides, spec.defaults, what=f"'{spec.name}'", **extra)
 
 
 def _default_model(spec: MethodSpec, domains: dict, authorized: str, out: Path | None, seed: int, verbose: bool):
@@ -207,20 +196,24 @@ def run_coop(adapter, domains, authorized: str, out, config=None, verbose: bool 
     return protect("coop", domains=domains, authorized=authorized, out=out, model=adapter, config=config, verbose=verbose)
 
 
-def run_ipclip(adapter, domains, authorized: str, unauthorized: Sequence[str], out, config=None, coop_config=None,
-               with_coop: bool = True, verbose: bool = True) -> dict:
-    return protect("ip-clip", domains=domains, authorized=authorized,
+def _prompt_method(method: str, adapter, domains, authorized: str, unauthorized: Sequence[str], out, config,
+                   coop_config, with_coop: bool, verbose: bool) -> dict:
+    return protect(method, domains=domains, authorized=authorized,
                    unauthorized=unauthorized if _scenario(config) == "target-specified" else (),
                    out=out, model=adapter, config=config, verbose=verbose,
                    options={"coop_config": coop_config, "with_coop": with_coop})
+
+
+def run_ipclip(adapter, domains, authorized: str, unauthorized: Sequence[str], out, config=None, coop_config=None,
+               with_coop: bool = True, verbose: bool = True) -> dict:
+    return _prompt_method("ip-clip", adapter, domains, authorized, unauthorized, out, config, coop_config, with_coop,
+                          verbose)
 
 
 def run_ntl_prompt(adapter, domains, authorized: str, unauthorized: Sequence[str], out, config=None, coop_config=None,
                    with_coop: bool = True, verbose: bool = True) -> dict:
-    return protect("ntl-prompt", domains=domains, authorized=authorized,
-                   unauthorized=unauthorized if _scenario(config) == "target-specified" else (),
-                   out=out, model=adapter, config=config, verbose=verbose,
-                   options={"coop_config": coop_config, "with_coop": with_coop})
+    return _prompt_method("ntl-prompt", adapter, domains, authorized, unauthorized, out, config, coop_config, with_coop,
+                          verbose)
 
 
 def _scenario(config) -> str:

@@ -15,6 +15,7 @@ import inspect
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
+from ipshield.config import resolve_config
 from ipshield.errors import ConfigError, IPShieldError
 from ipshield.registry import ATTACKS, AttackSpec
 from ipshield.runs import open_run, run_guard
@@ -33,18 +34,7 @@ def build_attack_config(spec: AttackSpec, config: Any = None, overrides: Sequenc
     ``seed`` applied on top), a mapping is read as data over the class defaults."""
     if spec.config is None:
         raise IPShieldError(f"attack '{spec.name}' has no config class", "register it with config=...")
-    extra = {"seed": seed} if seed is not None and "seed" in spec.config.model_fields else {}
-    if config is not None and hasattr(config, "to_dict"):
-        if not isinstance(config, spec.config):
-            raise ConfigError(f"{type(config).__name__} is not the config of attack '{spec.name}'",
-                              f"give a {spec.config.__name__}")
-        if not extra and not overrides:
-            return config
-        return spec.config.build({**config.to_dict(), **extra}, list(overrides or []))
-    if config is not None and not isinstance(config, Mapping):
-        raise ConfigError(f"the config of attack '{spec.name}' must be a {spec.config.__name__} or a mapping "
-                          f"(got {type(config).__name__})", "pass config={'key': value} or a config instance")
-    return spec.make_config({**dict(config or {}), **extra}, list(overrides or []))
+    return resolve_config(spec.config, config, overrides, what=f"attack '{spec.name}'", seed=seed)
 
 
 def check_inputs(spec: AttackSpec, inputs: Mapping[str, Any]) -> None:
