@@ -59,9 +59,6 @@ class Spec:
     #: the field the decorated object is stored in
     _decorates = "obj"
 
-    def replace(self, **changes: Any) -> "Spec":
-        return dataclasses.replace(self, **changes)
-
 
 @dataclass(frozen=True)
 class MethodSpec(Spec):

@@ -84,7 +84,7 @@ def run_protect(spec: MethodSpec, *, authorized: Optional[str], unauthorized: Op
 
         dev = device or "auto"
         clip = resolve_model(model, device=str(resolve_device(dev)))
-        if "coop" not in (spec.name,) and not spec.reference:
+        if not spec.reference:  # a protection is measured against zero-shot and CoOp
             from ipshield.protect.coop import CoOpConfig
 
             options = {"with_coop": not no_coop, "coop_config": CoOpConfig.build({"device": dev}, coop_set)}

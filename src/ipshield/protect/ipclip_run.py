@@ -131,8 +131,7 @@ def prompt_job(kind: str, job, config, train: Callable) -> dict:
         selection = getattr(model, "selection", None)
         if job.out is not None:
             model.save(job.out, extra={"authorized": authorized, "unauthorized_train": train_u, "selection": selection})
-        extra = {"train_unauthorized": train_u, "timing": {**model.timing, "references_s": t_refs},
-                 "history": model.history, "selection": selection}
+        extra.update(timing={**model.timing, "references_s": t_refs}, selection=selection)
     elif job.out is not None:
         model.save(job.out)
     job.options["trained_model"] = model  # for callers that go on with it (the benchmark's embedding map)
