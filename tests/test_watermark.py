@@ -9,6 +9,7 @@ import os
 import pickle
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -68,18 +69,23 @@ def test_match_coordinates_undoes_a_signed_permutation():
     assert torch.equal(match_coordinates(suspect, x, n_img=100), m.T)
 
 
-def test_service_refuses_a_watermark_it_cannot_apply(tmp_path):
-    """The HTTP service applies a per-customer matrix only: a scheme that also changes texts by
-    their words (embmarker, vlpmarker+embmarker) is refused, not served without that layer."""
+def test_service_serves_a_text_layer_scheme_with_its_texts(tmp_path):
+    """The HTTP service serves every scheme: EmbMarker's transform needs the texts, and refuses a
+    text batch without them rather than serving it without the text layer."""
     from ipshield.serve.watermarking import watermark_transform
     from ipshield.watermark.embmarker import EmbMarker
 
     key = MasterKey.generate(16)
     key.save(tmp_path / "key.json")
     EmbMarker(key, ["red", "blue"], ["green"], ["a red digit", "a blue digit"]).save(tmp_path / "wm")
-    with pytest.raises(IPShieldError) as exc:
-        watermark_transform(str(tmp_path / "key.json"), 16, str(tmp_path / "wm"))
-    assert "not a linear transform" in exc.value.problem and "vlpmarker" in exc.value.fix
+    tr = watermark_transform(str(tmp_path / "key.json"), 16, str(tmp_path / "wm"))
+    tr.prepare("acme")
+    clean = np.random.default_rng(0).standard_normal((2, 16)).astype(np.float32)
+    clean /= np.linalg.norm(clean, axis=1, keepdims=True)
+    served = tr("acme", clean, "text", ["a red digit", "a plain digit"])
+    assert served.shape == (2, 16) and np.allclose(np.linalg.norm(served, axis=1), 1, atol=1e-5)
+    with pytest.raises(Exception):
+        tr("acme", clean, "text", None)
 
 
 def test_exact_subset_sum_tail_matches_enumeration():

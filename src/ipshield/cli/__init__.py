@@ -67,6 +67,7 @@ app.add_typer(keys_app, name="keys")
 
 # The modules that add commands (they import ``app`` and the sub-apps above, hence last).
 from ipshield.cli import data, models, protect, demo, watermark, serve, bench, ipclip, report, attack  # noqa: E402,F401,I001
+from ipshield.cli import monitor  # noqa: E402,F401,I001  (`ipshield monitor run|report`)
 
 
 def _framework_exceptions() -> tuple[tuple[type, ...], tuple[type, ...], tuple[type, ...]]:

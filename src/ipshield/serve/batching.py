@@ -2,7 +2,9 @@
 
 One worker per kind takes the first waiting request, then everything else already queued (and,
 for at most ``max_wait_ms``, what arrives next) up to ``max_items`` items, runs the backend once in
-the model thread, and hands each request its rows after that request's customer transform. Under
+the model thread, and hands each request its rows after that request's customer transform (one call
+per customer present in the batch, with the kind and the inputs behind the rows, so a watermark's
+text layer sees the texts). Under
 light traffic a request waits at most ``max_wait_ms``; under load the batch fills from the queue
 that built up while the previous batch ran (no wait at all). With ``enabled=False`` every request
 runs alone on the same model thread (the baseline of the load benchmark).
@@ -31,10 +33,11 @@ class _Job:
 
 class MicroBatcher:
     def __init__(self, backend: EmbeddingBackend, transform: CustomerTransform | None, enabled: bool = True,
-                 max_items: int = 64, max_wait_ms: float = 2.0):
+                 max_items: int = 64, max_wait_ms: float = 2.0, on_batch=None):
         self.backend = backend
         self.transform = transform
         self.enabled = enabled
+        self.on_batch = on_batch  # called with (kind, items) after each forward pass (metrics)
         self.max_items = max(1, int(max_items))
         self.max_wait = max(0.0, float(max_wait_ms)) / 1000.0
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ipshield-model")
@@ -75,21 +78,25 @@ class MicroBatcher:
         out = self.backend.embed_images(items) if kind == "image" else self.backend.embed_texts(items)
         return np.asarray(out, dtype=np.float32)
 
-    def _served(self, clean: np.ndarray, customer: str) -> np.ndarray:
-        return clean if self.transform is None else np.asarray(self.transform(customer, clean), dtype=np.float32)
+    def _served(self, clean: np.ndarray, customer: str, kind: str, items: list) -> np.ndarray:
+        if self.transform is None:
+            return clean
+        return np.asarray(self.transform(customer, clean, kind, items), dtype=np.float32)
 
     def _run_single(self, kind: str, items: list, customer: str):
         clean = self._forward(kind, items)
         self.stats["batches"] += 1
+        if self.on_batch is not None:
+            self.on_batch(kind, len(items))
         self.stats["items"] += len(items)
         self.stats["requests"] += 1
-        return clean, self._served(clean, customer)
+        return clean, self._served(clean, customer, kind, items)
 
     def _run_batch(self, kind: str, jobs: list[_Job]):
         items = [x for j in jobs for x in j.items]
         clean = self._forward(kind, items)
         out, i = [], 0
-        # one matrix product per customer present in the batch
+        # one transform call per customer present in the batch (its rows and their inputs)
         by_customer: dict[str, list[int]] = {}
         for n, j in enumerate(jobs):
             by_customer.setdefault(j.customer, []).append(n)
@@ -100,7 +107,7 @@ class MicroBatcher:
             i += len(j.items)
         for customer, idx in by_customer.items():
             rows = np.concatenate([np.arange(*spans[n]) for n in idx])
-            s = self._served(clean[rows], customer)
+            s = self._served(clean[rows], customer, kind, [x for n in idx for x in jobs[n].items])
             k = 0
             for n in idx:
                 m = spans[n][1] - spans[n][0]
@@ -110,6 +117,8 @@ class MicroBatcher:
             a, b = spans[n]
             out.append((clean[a:b], served_rows[n]))
         self.stats["batches"] += 1
+        if self.on_batch is not None:
+            self.on_batch(kind, len(items))
         self.stats["items"] += len(items)
         self.stats["requests"] += len(jobs)
         return out

@@ -7,6 +7,11 @@ each request one image (or one text). The configurations are measured in interle
 (round-robin over the servers) so that background load on a shared machine hits them all alike.
 Prints throughput, p50/p99 latency and the count of 5xx per configuration, and the two ratios the
 service promises: watermark on / off (>= 0.95) and batching on / off.
+
+The same rounds also measure the *floor* (``python -m ipshield.serve.floor``: the same backend behind
+a bare FastAPI app without auth, limits, audit, watermark or batching) and report, for each ipshield
+configuration, its server CPU per request divided by the floor's (``floor_ratios``; the project's
+target: <= 2.0 for "watermark on, batching on" with the small CLIP). ``floor=False`` skips it.
 """
 
 from __future__ import annotations
@@ -93,10 +98,12 @@ async def _load(url: str, key: str, payloads: list[dict], n: int, concurrency: i
         res.wall += time.perf_counter() - t0
 
 
-def _start(model: str, watermark: bool, batching: bool, key_file: str | None, watermark_dir: str | None, threads: int,
-           workdir: Path, name: str, port: int) -> tuple[subprocess.Popen, str, str]:
-    import httpx
+FLOOR = "floor (bare FastAPI)"
 
+
+def _launch(model: str, watermark: bool, batching: bool, key_file: str | None, watermark_dir: str | None, threads: int,
+            workdir: Path, name: str, port: int) -> tuple[subprocess.Popen, str, str]:
+    """Start one ``ipshield serve`` (after creating its key); ``_wait_ready`` waits for it."""
     db = f"sqlite:///{workdir}/{name}.db"
     made = subprocess.run([sys.executable, "-c", CLI, "keys", "create", "--db", db, "--customer", "bench", "--rate", "1000000"],
                           capture_output=True, text=True, check=True)
@@ -108,15 +115,30 @@ def _start(model: str, watermark: bool, batching: bool, key_file: str | None, wa
         cmd += ["--key-file", key_file]
     if watermark and watermark_dir:
         cmd += ["--watermark-dir", watermark_dir]
-    log = open(workdir / f"{name}.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
-    url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
+    return _popen(cmd, threads, workdir, name), f"http://127.0.0.1:{port}", key
+
+
+def _launch_floor(model: str, threads: int, workdir: Path, name: str, port: int) -> tuple[subprocess.Popen, str, str]:
+    cmd = [sys.executable, "-m", "ipshield.serve.floor", "--model", model, "--port", str(port), "--threads", str(threads)]
+    # the floor ignores the Authorization header; the client sends one anyway (same requests)
+    return _popen(cmd, threads, workdir, name), f"http://127.0.0.1:{port}", "floor-ignores-keys"
+
+
+def _popen(cmd: list[str], threads: int, workdir: Path, name: str) -> subprocess.Popen:
+    with open(workdir / f"{name}.log", "w") as log:
+        return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": str(threads)})
+
+
+def _wait_ready(proc: subprocess.Popen, url: str, workdir: Path, name: str, timeout: float = 120.0) -> None:
+    import httpx
+
+    t0 = time.time()
+    while time.time() - t0 < timeout:
         if proc.poll() is not None:
             raise RuntimeError(f"server {name} exited: see {workdir / (name + '.log')}")
         try:
             if httpx.get(url + "/health", timeout=1).status_code == 200:
-                return proc, url, key
+                return
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
@@ -125,7 +147,8 @@ def _start(model: str, watermark: bool, batching: bool, key_file: str | None, wa
 
 def run_bench(model: str, requests: int = 2000, concurrency: int = 32, kind: str = "image", rounds: int = 4,
               key_file: str | None = None, watermark_dir: str | None = None, threads: int = 1,
-              configs: list[tuple[str, bool, bool]] | None = None, out: str | None = None, warmup: int = 64) -> dict:
+              configs: list[tuple[str, bool, bool]] | None = None, out: str | None = None, warmup: int = 64,
+              floor: bool = True) -> dict:
     from ipshield.serve.server import free_port
 
     workdir = Path(tempfile.mkdtemp(prefix="ipshield-bench-"))
@@ -139,12 +162,19 @@ def run_bench(model: str, requests: int = 2000, concurrency: int = 32, kind: str
         key_file = str(keygen(workdir / "master_key.json", dim)[0])
     configs = configs or [("watermark off, batching on", False, True), ("watermark on, batching on", True, True),
                           ("watermark off, batching off", False, False), ("watermark on, batching off", True, False)]
+    names = [name for name, *_ in configs] + ([FLOOR] if floor else [])
     servers = {}
     try:
+        # launch every server first, then wait for all of them (start-ups overlap)
         for i, (name, wm, batch) in enumerate(configs):
-            servers[name] = _start(model, wm, batch, key_file, watermark_dir, threads, workdir, f"server{i}", free_port())
+            servers[name] = _launch(model, wm, batch, key_file, watermark_dir, threads, workdir, f"server{i}", free_port())
+        if floor:
+            servers[FLOOR] = _launch_floor(model, threads, workdir, "floor", free_port())
+        for i, (name, (proc, url, _)) in enumerate(servers.items()):
+            _wait_ready(proc, url, workdir, "floor" if name == FLOOR else f"server{i}")
         payloads = _payloads(kind)
-        results = {name: Result(name) for name, *_ in configs}
+        results = {name: Result(name) for name in names}
+        round_cpu: dict[str, list[float]] = {name: [] for name in names}
         for name, (proc, url, key) in servers.items():  # warm-up (first calls, matrix derivation)
             asyncio.run(_load(url, key, payloads, warmup, min(concurrency, 8), kind, Result("warmup")))
         per_round = max(1, requests // rounds)
@@ -158,6 +188,7 @@ def run_bench(model: str, requests: int = 2000, concurrency: int = 32, kind: str
                 c1 = _cpu_seconds(proc.pid)
                 if c0 is not None and c1 is not None:
                     results[name].cpu += c1 - c0
+                    round_cpu[name].append((c1 - c0) / max(1, len(one.latencies)))
                 round_rps[name].append(len(one.latencies) / one.wall)
                 res = results[name]
                 res.latencies += one.latencies
@@ -172,7 +203,7 @@ def run_bench(model: str, requests: int = 2000, concurrency: int = 32, kind: str
                 proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    rows = [results[name].summary() for name, *_ in configs]
+    rows = [results[name].summary() for name in names]
     by = {r["config"]: r for r in rows}
     # two estimates of each ratio: total throughput, and the median over rounds of the ratio of the
     # two configurations measured back to back in that round (robust to drifting background load)
@@ -187,9 +218,22 @@ def run_bench(model: str, requests: int = 2000, concurrency: int = 32, kind: str
             if a_row["server_cpu_ms_per_request"] and b_row["server_cpu_ms_per_request"]:
                 # capacity ratio from server CPU per request (insensitive to other processes' load)
                 cpu_ratios[label] = b_row["server_cpu_ms_per_request"] / a_row["server_cpu_ms_per_request"]
+    # server CPU per request of each ipshield configuration / the floor's: on the totals, and the
+    # median over rounds of the per-round ratio (both measured in the same round)
+    floor_ratios, floor_paired = {}, {}
+    f_row = by.get(FLOOR)
+    if f_row and f_row["server_cpu_ms_per_request"]:
+        for name, *_ in configs:
+            cpu = by[name]["server_cpu_ms_per_request"]
+            if cpu:
+                floor_ratios[name] = cpu / f_row["server_cpu_ms_per_request"]
+                a, b = np.array(round_cpu[name]), np.array(round_cpu[FLOOR])
+                if len(a) == len(b) and len(a) and np.all(b > 0):
+                    floor_paired[name] = float(np.median(a / b))
     result = {"model": model, "kind": kind, "requests_per_config": rows[0]["requests"], "concurrency": concurrency,
               "rounds": rounds, "server_threads": threads, "rows": rows, "ratios": ratios, "paired_ratios": paired, "cpu_ratios": cpu_ratios,
-              "round_rps": round_rps,
+              "round_rps": round_rps, "floor": FLOOR if floor else None, "floor_ratios": floor_ratios,
+              "floor_paired_ratios": floor_paired,
               "total_5xx": sum(r["n_5xx"] for r in rows)}
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)
@@ -220,4 +264,12 @@ def print_result(result: dict) -> None:
         cr = result.get("cpu_ratios", {}).get(k)
         c.print(f"{k}: {v:.3f} (throughput), {result['paired_ratios'][k]:.3f} (median of per-round paired ratios)"
                 + ("" if cr is None else f", {cr:.3f} (server CPU per request)"))
+    fr = result.get("floor_ratios") or {}
+    if result.get("floor"):
+        c.print(f"server CPU per request / the floor's ({result['floor']}; target <= 2.0 for 'watermark on, batching on'):")
+        for k, v in fr.items():
+            p = (result.get("floor_paired_ratios") or {}).get(k)
+            c.print(f"  {k}: {v:.2f}x" + ("" if p is None else f" (median of per-round ratios {p:.2f}x)"))
+        if not fr:
+            c.print("  unavailable (no server CPU times: /proc is Linux only)")
     c.print(f"total 5xx: {result['total_5xx']}")

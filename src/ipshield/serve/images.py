@@ -67,8 +67,27 @@ def header_pixels(raws: list[bytes]) -> float:
     return total
 
 
-def decode_image(raw: bytes, max_bytes: int, max_pixels: int, index: int = 0) -> np.ndarray:
-    """Encoded bytes -> uint8 ``[H, W, 3]`` RGB, or ``InputError``."""
+def image_pixels(raw: bytes, index: int = 0) -> int:
+    """Width * height from the header alone (nothing decoded), or ``InputError``."""
+    from PIL import Image
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            w, h = Image.open(io.BytesIO(raw), formats=ALLOWED_FORMATS).size
+    except Image.DecompressionBombError:
+        raise InputError(413, "image_too_many_pixels", f"image {index}: a header claiming more pixels than allowed") from None
+    except Exception:
+        raise InputError(400, "bad_image", f"image {index}: not a readable image (allowed: {', '.join(ALLOWED_FORMATS)})") from None
+    if w <= 0 or h <= 0:
+        raise InputError(400, "bad_image", f"image {index}: zero size")
+    return int(w) * int(h)
+
+
+def decode_image(raw: bytes, max_bytes: int, max_pixels: int, index: int = 0, shrink_to: int | None = None) -> np.ndarray:
+    """Encoded bytes -> uint8 ``[H, W, 3]`` RGB, or ``InputError``. ``shrink_to``: an image whose
+    longer side is over it is reduced to fit (JPEG already while decoding), so a large photo is
+    held at full size only inside this call."""
     from PIL import Image, UnidentifiedImageError
 
     if len(raw) > max_bytes:
@@ -85,7 +104,11 @@ def decode_image(raw: bytes, max_bytes: int, max_pixels: int, index: int = 0) ->
             if w * h > max_pixels:
                 raise InputError(413, "image_too_many_pixels", f"image {index}: {w}x{h} pixels, the limit is {max_pixels} pixels")
             im.seek(0)
+            if shrink_to and max(w, h) > shrink_to and im.format == "JPEG":
+                im.draft("RGB", (shrink_to, shrink_to))  # DCT scaling: decodes at 1/2, 1/4 or 1/8 size
             im = im.convert("RGB")  # decodes (first frame only)
+            if shrink_to and max(im.size) > shrink_to:
+                im.thumbnail((shrink_to, shrink_to), Image.Resampling.BICUBIC)
             arr = np.asarray(im, dtype=np.uint8)
     except InputError:
         raise

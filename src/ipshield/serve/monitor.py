@@ -13,6 +13,10 @@ itself (the same catalogue, the same queries) and stays in its own domain. Over 
 - ``eff_rank``: the effective rank (exp of the entropy of the eigenvalues) of the covariance of a
   fixed random 16-dimensional projection of the embeddings, divided by 16 (how many directions the
   inputs span).
+- ``auth_failures``: wrong secrets presented with the key's id.
+Both statistics are computed by the server per audit window over at least ``SKETCH_MIN``
+embeddings (only the two scalars are stored, ``usage_sketch``); the report averages them over the
+windows, weighted by the embeddings in each (windows with fewer embeddings do not count).
 
 Flags (thresholds in ``MonitorConfig``, all configurable):
 - ``volume``: items >= ``volume_items`` in the window, or peak >= ``peak_items`` in one audit window.
@@ -28,12 +32,11 @@ from __future__ import annotations
 import time
 from dataclasses import asdict, dataclass, field
 
-import numpy as np
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from ipshield.serve.db import api_keys, usage
-from ipshield.serve.store import SKETCH_K, unpack_sketch
+from ipshield.serve.db import api_keys, usage, usage_sketch
+from ipshield.serve.store import effective_rank  # noqa: F401  (re-exported)
 
 
 @dataclass
@@ -59,6 +62,7 @@ class KeyReport:
     items: int
     peak: int
     rejected: int
+    auth_failures: int
     unique: float | None
     spread: float | None
     eff_rank: float | None
@@ -69,15 +73,6 @@ class KeyReport:
         return asdict(self)
 
 
-def effective_rank(cov: np.ndarray) -> float:
-    ev = np.clip(np.linalg.eigvalsh((cov + cov.T) / 2), 0, None)
-    if ev.sum() <= 0:
-        return 0.0
-    p = ev / ev.sum()
-    p = p[p > 0]
-    return float(np.exp(-(p * np.log(p)).sum()))
-
-
 def report(engine: Engine, config: MonitorConfig | None = None, now: float | None = None) -> list[KeyReport]:
     cfg = config or MonitorConfig()
     now = time.time() if now is None else now
@@ -85,9 +80,13 @@ def report(engine: Engine, config: MonitorConfig | None = None, now: float | Non
     with engine.connect() as conn:
         keys = list(conn.execute(select(api_keys).order_by(api_keys.c.created_at)))
         rows = list(conn.execute(select(usage).where(usage.c.window_start >= int(since))))
+        sketches = list(conn.execute(select(usage_sketch).where(usage_sketch.c.window_start >= int(since))))
     by_key: dict[str, list] = {}
     for r in rows:
         by_key.setdefault(r._mapping["key_id"], []).append(r._mapping)
+    sk_by_key: dict[str, list] = {}
+    for r in sketches:
+        sk_by_key.setdefault(r._mapping["key_id"], []).append(r._mapping)
     out = []
     for k in keys:
         m = k._mapping
@@ -97,27 +96,16 @@ def report(engine: Engine, config: MonitorConfig | None = None, now: float | Non
         peak = max((r["images"] + r["texts"] for r in rs), default=0)
         rejected = sum(r["rejected"] for r in rs)
         uniq = sum(r["unique_inputs"] for r in rs)
-        n, sum_full, sum_proj, outer = 0, None, np.zeros(SKETCH_K), np.zeros((SKETCH_K, SKETCH_K))
-        for r in rs:
-            sk = unpack_sketch(r["sketch"])
-            if sk is None:
-                continue
-            if sum_full is not None and sk[1].size != sum_full.size:
-                continue
-            n += sk[0]
-            sum_full = sk[1] if sum_full is None else sum_full + sk[1]
-            sum_proj = sum_proj + sk[2]
-            outer = outer + sk[3]
+        sk = sk_by_key.get(m["key_id"], [])
+        n = sum(int(r["n"]) for r in sk)
         spread = eff = None
-        if n >= 2 and sum_full is not None:
-            mean = sum_full / n
-            spread = float(max(0.0, 1.0 - mean @ mean))
-            mp = sum_proj / n
-            cov = outer / n - np.outer(mp, mp)
-            eff = effective_rank(cov) / SKETCH_K
+        if n:
+            spread = float(sum(r["n"] * r["spread"] for r in sk) / n)
+            eff = float(sum(r["n"] * r["eff_rank"] for r in sk) / n)
+        auth_failures = sum(int(r.get("auth_failures") or 0) for r in rs)
         rep = KeyReport(
             key_id=m["key_id"], customer=m["customer"], revoked=m["revoked_at"] is not None, used=int(m["used"] or 0),
-            quota=m["quota"], requests=requests, items=items, peak=peak, rejected=rejected,
+            quota=m["quota"], requests=requests, items=items, peak=peak, rejected=rejected, auth_failures=auth_failures,
             unique=(uniq / items) if items else None, spread=spread, eff_rank=eff,
         )
         if items >= cfg.volume_items or peak >= cfg.peak_items:
