@@ -488,6 +488,7 @@ def test_postgres_path(pg_url):
         assert httpx.post(srv.url + "/v1/embed/texts", headers=h, json={"texts": ["a", "b"]}).status_code == 200
         assert httpx.post(srv.url + "/v1/embed/texts", headers=h, json={"texts": ["a", "b"]}).status_code == 429
         store.revoke(rec.key_id)
+        time.sleep(settings.key_cache_s + 0.1)  # a revocation reaches every process within key_cache_s
         assert httpx.post(srv.url + "/v1/embed/texts", headers=h, json={"texts": ["a"]}).status_code == 401
     r = [x for x in report(engine) if x.key_id == rec.key_id][0]
     assert (r.requests, r.items, r.used) == (1, 2, 2) and r.rejected == 2 and r.revoked

@@ -30,6 +30,31 @@ from ipshield.serve.store import SKETCH_MIN, KeyStore
 CLI = "import sys; from ipshield.cli import main; main(sys.argv[1:])"
 
 
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request, tmp_path):
+    """A fresh database: a SQLite file, or a new schema in the CI's PostgreSQL (skips without it)."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path}/s.db"
+    base = os.environ.get("IPSHIELD_TEST_PG_URL", "").strip()
+    if not base:
+        pytest.skip("PostgreSQL not available: IPSHIELD_TEST_PG_URL is not set (.ci/run sets it)")
+    import secrets
+
+    from sqlalchemy import text
+
+    from ipshield.serve.db import make_engine
+
+    schema = "t_" + secrets.token_hex(5)
+    try:
+        eng = make_engine(base)
+        with eng.begin() as c:
+            c.execute(text(f"CREATE SCHEMA {schema}"))
+        eng.dispose()
+    except Exception as exc:
+        pytest.skip(f"PostgreSQL at IPSHIELD_TEST_PG_URL does not answer ({type(exc).__name__})")
+    return base + ("&" if "?" in base else "?") + f"options=-csearch_path%3D{schema}"
+
+
 def png(arr: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
@@ -109,10 +134,10 @@ async def hammer(urls: list[str], key: str, n: int, concurrency: int, texts_per_
 
 
 # ----------------------------------------------------------------------------- replicas
-def test_quota_and_rate_hold_across_four_processes(tmp_path):
-    """Old service: 4 processes served 400 embeddings on a quota of 100; a rate of 5/s let 96
-    requests through in 4 s with four processes."""
-    db = f"sqlite:///{tmp_path}/s.db"
+def test_quota_and_rate_hold_across_four_processes(db_url):
+    """Old service: 4 processes served 400 embeddings on a quota of 100 (SQLite and PostgreSQL
+    alike); a rate of 5/s let 96 requests through in 4 s with four processes."""
+    db = db_url
     engine = open_db(db)
     store = KeyStore(engine)
     quota_key, qrec = store.create("quota", rate=100000, quota=100)
@@ -326,14 +351,18 @@ def test_audit_table_holds_nothing_that_gives_back_embeddings(tmp_path):
     assert {k for k in rows[0]._mapping} == {"id", "key_id", "window_start", "writer", "n", "spread", "eff_rank"}
 
 
-def test_processes_starting_together_on_a_fresh_database(tmp_path):
-    """Old service: 2 of 12 processes died with "table ipshield_schema already exists"."""
-    for url in (f"sqlite:///{tmp_path}/race.db",):
-        code = ("import sys; from ipshield.serve.db import open_db; open_db(sys.argv[1]); print('ok')")
-        procs = [subprocess.Popen([sys.executable, "-c", code, url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-                 for _ in range(8)]
-        outs = [p.communicate(timeout=120) for p in procs]
-        assert all(p.returncode == 0 for p in procs), [o[1][-300:] for o in outs]
+def test_processes_starting_together_on_a_fresh_database(db_url):
+    """Old service: 2 of 12 processes died with "table ipshield_schema already exists" /
+    UniqueViolation."""
+    code = ("import sys; from ipshield.serve.db import open_db; open_db(sys.argv[1]); print('ok')")
+    procs = [subprocess.Popen([sys.executable, "-c", code, db_url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(8)]
+    outs = [p.communicate(timeout=120) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1][-300:] for o in outs]
+    from ipshield.serve.db import SCHEMA_VERSION, current_version, make_engine
+
+    with make_engine(db_url).connect() as c:
+        assert current_version(c) == SCHEMA_VERSION
 
 
 def test_requests_that_fail_are_not_charged(tmp_path):
@@ -368,3 +397,81 @@ def test_requests_that_fail_are_not_charged(tmp_path):
         # 422s name neither unknown fields nor values (a key pasted as a field name stays unseen)
         r = client.post("/v1/embed/texts", headers=h, json={"texts": ["a"], key: 1, "ipsk_zzz": "secret-value"})
         assert r.status_code == 422 and key not in r.text and "ipsk_zzz" not in r.text and "secret-value" not in r.text
+
+
+def test_a_connection_flood_over_the_descriptor_limit(tmp_path):
+    """Old service: under a 256-descriptor limit, 300 slow clients made normal requests time out
+    and wrote 53 MB of "Too many open files" tracebacks in 12 s."""
+    import resource
+
+    db = f"sqlite:///{tmp_path}/f.db"
+    key, _ = KeyStore(open_db(db)).create("flood", rate=100000)
+    port = free_port()
+    log = tmp_path / "server.log"
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    proc = subprocess.Popen([sys.executable, "-c", CLI, "serve", "--model", "stub:16", "--db", db, "--host", LOOPBACK,
+                             "--port", str(port), "--no-watermark", "--body-timeout", "2"],
+                            stdout=open(log, "w"), stderr=subprocess.STDOUT, preexec_fn=limit)
+    url = f"http://{LOOPBACK}:{port}"
+    slow = []
+    try:
+        wait_up([(proc, url)])
+        for _ in range(300):
+            try:
+                c = socket.create_connection((LOOPBACK, port), timeout=2)
+                c.sendall(b"POST /v1/embed/texts HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                          + f"Authorization: Bearer {key}\r\nContent-Length: 1000\r\n\r\n".encode() + b"{")
+                slow.append(c)
+            except OSError:
+                pass
+        t0 = time.time()
+        r = httpx.post(url + "/v1/embed/texts", headers={"Authorization": f"Bearer {key}"}, json={"texts": ["hi"]}, timeout=30)
+        assert r.status_code == 200
+        assert time.time() - t0 < 15  # at worst it waited for the slow clients' body deadline
+    finally:
+        for c in slow:
+            c.close()
+        stop([proc])
+    text = log.read_text()
+    print(f"\nflood: {len(slow)} slow connections accepted of 300; server log {len(text)} bytes; "
+          f"{text.count('event loop:')} event-loop error lines")
+    assert "Traceback" not in text
+    assert len(text) < 200_000, len(text)
+
+
+def test_metrics_endpoint_needs_an_owner_key_and_counts(tmp_path):
+    from fastapi.testclient import TestClient
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from ipshield.serve.app import create_app
+    from ipshield.serve.backend import StubBackend
+    from ipshield.serve.settings import ServeSettings
+
+    db = f"sqlite:///{tmp_path}/m.db"
+    engine = open_db(db)
+    store = KeyStore(engine)
+    key, _ = store.create("acme", rate=100000)
+    owner, _ = store.create("owner", rate=100000, admin=True)
+    app = create_app(ServeSettings(db=db, model="stub", watermark=False), backend=StubBackend(32), engine=engine)
+    with TestClient(app) as client:
+        h = {"Authorization": f"Bearer {key}"}
+        for _ in range(3):
+            assert client.post("/v1/embed/texts", headers=h, json={"texts": ["a", "b"]}).status_code == 200
+        assert client.post("/v1/embed/texts", headers=h, json={"texts": []}).status_code == 422
+        assert client.get("/metrics").status_code == 401
+        assert client.get("/metrics", headers=h).status_code == 403
+        r = client.get("/metrics", headers={"Authorization": f"Bearer {owner}"})
+        assert r.status_code == 200
+    text = r.text
+    assert key not in text and owner not in text and "ipsk_" not in text
+    fams = {f.name: f for f in text_string_to_metric_families(text)}
+    served = {s.labels["customer"]: s.value for s in fams["ipshield_served_items"].samples if s.name.endswith("_total")}
+    assert served.get("acme") == 6
+    reqs = {(s.labels["route"], s.labels["status"]): s.value for s in fams["ipshield_requests"].samples if s.name.endswith("_total")}
+    assert reqs[("/v1/embed/texts", "200")] == 3 and reqs[("/v1/embed/texts", "422")] == 1
+    sizes = [s for s in fams["ipshield_batch_size"].samples if s.name.endswith("_count")]
+    assert sum(s.value for s in sizes) >= 1
+    assert "ipshield_extraction_flag" in fams or "ipshield_extraction_flag" in text
