@@ -150,12 +150,14 @@ def test_quota_and_rate_hold_across_four_processes(db_url):
         assert got["items"] <= 100 and got["items"] >= 95, got  # exact, not 4 x 100
         assert set(got["status"]) <= {200, 429}, got
         used, audited, _ = ledger(engine, qrec.key_id)
+        print(f"\n4 processes, quota 100: served {got['items']}, used {used}, audited {audited}, statuses {got['status']}")
         assert used == got["items"] == audited, (used, audited, got)
 
         t0 = time.time()
         got = asyncio.run(hammer(urls, rate_key, 10000, 16, deadline=t0 + 4.0))
         elapsed = time.time() - t0
         allowed = 5 + 5 * elapsed  # the burst, then the rate, whatever the number of processes
+        print(f"4 processes, rate 5/s burst 5: {got['ok']} served in {elapsed:.1f} s (allowed {allowed:.1f})")
         assert got["ok"] <= allowed + 1, (got, elapsed)
         assert got["ok"] >= 5, got
         assert got["status"].get(429, 0) > 0
