@@ -1,13 +1,23 @@
 """Attacks on domain restriction (MAP, NTL, CUTI-domain): how much unauthorized accuracy can an
 attacker who holds the protected classifier win back, and at what cost?
 
-- ``finetune``: fine-tune every weight of the protected model on ``k`` labelled images of the
-  unauthorized domain (k = 10, 100, 1000 in the benchmark); pruned (zero) weights of an exported
-  MAP model are ordinary weights again and can regrow.
+- ``finetune-initfc-all``, ``finetune-initfc-fc``, ``finetune-direct-fc``, ``finetune-direct-all``:
+  the four target-domain fine-tuning strategies of NTLBench with ``k`` labelled unauthorized
+  images (k = 10, 100, 1000 in the benchmark): re-initialise the final linear layer ("initFC") or
+  keep it ("direct"), then train every weight ("all") or only that layer ("FC"; the backbone,
+  BatchNorm statistics included, stays frozen). ``finetune`` is the historical name of
+  ``finetune-direct-all`` (same config, same numbers); pruned (zero) weights of an exported MAP
+  model are ordinary weights again and can regrow.
 - ``shot``: source-free domain adaptation on unlabelled unauthorized images, SHOT-style: the
   final linear layer (the "hypothesis") is frozen, the rest is trained with information
   maximisation (confident and diverse predictions) plus cross-entropy to self-supervised pseudo
   labels from feature centroids (recomputed every ``refresh_every`` steps).
+- :func:`scratch_attack` (a reference, not an attack): the same architecture trained from random
+  weights on the same labelled images with the same step budget.
+
+The other attacks of the suite live in ``attacks/sourcedata.py`` (``source-finetune``,
+``transntl``), ``attacks/disguise.py`` (``disguise``, JailNTL-style) and
+``attacks/sourcefree.py`` (``nrc``); ``attacks/robust.py`` runs them all with their references.
 
 Both return a dict with the unauthorized accuracy before and after the attack (percent) and the
 attacked copy under ``"model"``. Each attack works on a copy; the given model is not modified.
@@ -174,48 +184,125 @@ def _check_domain(name: str, domain: Any) -> Domain:
     return domain
 
 
-def finetune_attack(model: nn.Module, domain: Domain, config: FinetuneAttackConfig | Mapping[str, Any] | None = None,
-                    **overrides: Any) -> dict[str, Any]:
-    """Fine-tune a copy of ``model`` on ``k`` labelled images of ``domain``; accuracy on its test split.
-    ``overrides``: config fields as keywords (``k=100, steps=40``), on top of ``config``."""
-    from ipshield.models.classifiers import random_shift
-    from ipshield.protect.restrict import train_tensors
+#: the fine-tuning strategies of NTLBench: (re-initialise the final linear layer, train every weight)
+FINETUNE_STRATEGIES: dict[str, tuple[bool, bool]] = {
+    "initfc-all": (True, True), "initfc-fc": (True, False), "direct-fc": (False, False), "direct-all": (False, True),
+}
 
-    cfg = as_config(FinetuneAttackConfig, config, overrides)
-    check_target("finetune", "classifier", model)
-    _check_domain("finetune", domain)
-    if cfg.k > len(domain.train):
-        raise DataError(f"k={cfg.k} labelled images asked for, but domain '{domain.name}' has only {len(domain.train)} "
+
+def check_k(name: str, k: int, domain: Domain) -> None:
+    if k > len(domain.train):
+        raise DataError(f"k={k} labelled images asked for, but domain '{domain.name}' has only {len(domain.train)} "
                         "training images", f"use k <= {len(domain.train)}, or a data source with more images of '{domain.name}'")
-    t0 = time.time()
-    g = seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    acc_before = _eval(model, domain, cfg)
-    x, y = train_tensors(domain, cfg.k, cfg.image_size, cfg.seed)
-    attacked = copy.deepcopy(model).to(device)
-    for p in attacked.parameters():
+
+
+def train_labelled(net: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Any, g: torch.Generator, device,
+                   params: list[nn.Parameter] | None = None, frozen_backbone: bool = False, desc: str = "train") -> nn.Module:
+    """Cross-entropy on (``x``, ``y``) for ``cfg.steps`` steps (Adam, ``cfg.lr``, random shifts when
+    ``cfg.augment``); only ``params`` when given. ``frozen_backbone``: the whole net stays in eval
+    mode (BatchNorm statistics frozen too), else BatchNorm follows ``cfg.bn_mode``."""
+    from ipshield.models.classifiers import random_shift
+
+    params = list(net.parameters()) if params is None else params
+    for p in net.parameters():
+        p.requires_grad_(False)
+    for p in params:
         p.requires_grad_(True)
-    opt = torch.optim.Adam(attacked.parameters(), lr=cfg.lr)
-    _set_bn(attacked, cfg.bn_mode)
+    opt = torch.optim.Adam(params, lr=cfg.lr)
+    if frozen_backbone:
+        net.eval()
+    else:
+        _set_bn(net, cfg.bn_mode)
     bs = min(cfg.batch_size, len(y))
-    for _ in progress(range(cfg.steps), desc=f"finetune k={cfg.k}"):
+    for _ in progress(range(cfg.steps), desc=desc):
         idx = torch.randperm(len(y), generator=g)[:bs]
         xb, yb = x[idx], y[idx]
-        if cfg.augment:
+        if getattr(cfg, "augment", False):
             xb = random_shift(xb, 2, g)
-        loss = F.cross_entropy(attacked(xb.to(device)), yb.to(device))
+        loss = F.cross_entropy(net(xb.to(device)), yb.to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    attacked.eval()
-    return {"attack": "finetune", "domain": domain.name, "k": cfg.k, "steps": cfg.steps, "acc_before": acc_before,
-            "acc_after": _eval(attacked, domain, cfg), "seconds": round(time.time() - t0, 1), "model": attacked}
+    for p in net.parameters():
+        p.requires_grad_(True)
+    net.eval()
+    return net
 
 
-def _last_linear(model: nn.Module) -> nn.Linear:
+def finetune_attack(model: nn.Module, domain: Domain, config: FinetuneAttackConfig | Mapping[str, Any] | None = None,
+                    *, strategy: str = "direct-all", acc_before: float | None = None, name: str | None = None,
+                    **overrides: Any) -> dict[str, Any]:
+    """Fine-tune a copy of ``model`` on ``k`` labelled images of ``domain`` with one of the
+    :data:`FINETUNE_STRATEGIES` (default ``direct-all``: keep the final layer, train every weight);
+    accuracy on its test split. ``overrides``: config fields as keywords (``k=100, steps=40``), on
+    top of ``config``; ``acc_before``: the target's accuracy when already known (skips one evaluation);
+    ``name``: the attack's name in the result (default ``finetune`` / ``finetune-<strategy>``)."""
+    from ipshield.protect.restrict import train_tensors
+
+    cfg = as_config(FinetuneAttackConfig, config, overrides)
+    name = name or ("finetune" if strategy == "direct-all" else f"finetune-{strategy}")
+    if strategy not in FINETUNE_STRATEGIES:
+        raise ConfigError(f"unknown fine-tuning strategy '{strategy}'", f"choose one of: {', '.join(FINETUNE_STRATEGIES)}")
+    check_target(name, "classifier", model)
+    _check_domain(name, domain)
+    check_k(name, cfg.k, domain)
+    t0 = time.time()
+    g = seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    if acc_before is None:
+        acc_before = _eval(model, domain, cfg)
+    x, y = train_tensors(domain, cfg.k, cfg.image_size, cfg.seed)
+    attacked = copy.deepcopy(model).to(device)
+    reinit, train_all = FINETUNE_STRATEGIES[strategy]
+    head = _last_linear(attacked, name)
+    if reinit:
+        head.reset_parameters()
+    train_labelled(attacked, x, y, cfg, g, device, params=None if train_all else list(head.parameters()),
+                   frozen_backbone=not train_all, desc=f"{name} k={cfg.k}")
+    return {"attack": name, "strategy": strategy, "domain": domain.name, "k": cfg.k, "steps": cfg.steps,
+            "acc_before": acc_before, "acc_after": _eval(attacked, domain, cfg), "seconds": round(time.time() - t0, 1),
+            "model": attacked}
+
+
+def reset_weights(model: nn.Module) -> nn.Module:
+    """``model`` with fresh random weights (every submodule's ``reset_parameters``, BatchNorm
+    running statistics too): the same architecture, nothing learnt."""
+    for m in model.modules():
+        if hasattr(m, "reset_running_stats"):
+            m.reset_running_stats()
+        if hasattr(m, "reset_parameters"):
+            m.reset_parameters()
+    return model
+
+
+def scratch_attack(model: nn.Module, domain: Domain, config: FinetuneAttackConfig | Mapping[str, Any] | None = None, *,
+                   train: Domain | None = None, n: int | None = None, **overrides: Any) -> dict[str, Any]:
+    """The honest reference of a labelled attack: ``model``'s architecture with fresh random weights,
+    trained on the attacker's labelled images (``n`` of ``train``'s, default ``k`` of ``domain``'s)
+    with the same step budget (``config``: a FinetuneAttackConfig); accuracy on ``domain``'s test
+    split. Whatever an attack on the protected model reaches above this, the protected weights gave."""
+    from ipshield.protect.restrict import train_tensors
+
+    cfg = as_config(FinetuneAttackConfig, config, overrides)
+    _check_domain("scratch", domain)
+    train = domain if train is None else train
+    n = cfg.k if n is None else n
+    check_k("scratch", n, train)
+    t0 = time.time()
+    g = seed_everything(cfg.seed)
+    device = resolve_device(cfg.device)
+    x, y = train_tensors(train, n, cfg.image_size, cfg.seed)
+    net = reset_weights(copy.deepcopy(model)).to(device)
+    train_labelled(net, x, y, cfg, g, device, desc=f"scratch n={n}")
+    return {"attack": "scratch", "domain": domain.name, "train": train.name, "n": n, "steps": cfg.steps,
+            "acc_after": _eval(net, domain, cfg), "seconds": round(time.time() - t0, 1), "model": net}
+
+
+def _last_linear(model: nn.Module, name: str = "shot") -> nn.Linear:
     last = [m for m in model.modules() if isinstance(m, nn.Linear)]
     if not last:
-        raise IPShieldError("SHOT needs a classifier ending with a linear layer (its frozen hypothesis)", "use an ipshield classifier")
+        raise IPShieldError(f"attack '{name}' needs a classifier ending with a linear layer (its final classifier layer)",
+                            "use an ipshield classifier (ipshield.models.classifiers)")
     return last[-1]
 
 
@@ -245,7 +332,7 @@ def _pseudo_labels(model: nn.Module, head: nn.Linear, x: torch.Tensor, device, b
 
 
 def shot_attack(model: nn.Module, domain: Domain, config: SHOTAttackConfig | Mapping[str, Any] | None = None,
-                **overrides: Any) -> dict[str, Any]:
+                *, acc_before: float | None = None, **overrides: Any) -> dict[str, Any]:
     """SHOT-style source-free adaptation of a copy of ``model`` to the unlabelled train split of ``domain``.
     ``overrides``: config fields as keywords (``steps=10, n_train=300``), on top of ``config``."""
     from ipshield.protect.restrict import train_tensors
@@ -256,10 +343,11 @@ def shot_attack(model: nn.Module, domain: Domain, config: SHOTAttackConfig | Map
     t0 = time.time()
     g = seed_everything(cfg.seed)
     device = resolve_device(cfg.device)
-    acc_before = _eval(model, domain, cfg)
+    if acc_before is None:
+        acc_before = _eval(model, domain, cfg)
     x, _ = train_tensors(domain, cfg.n_train, cfg.image_size, cfg.seed)  # labels never used
     attacked = copy.deepcopy(model).to(device)
-    head = _last_linear(attacked)
+    head = _last_linear(attacked, "shot")
     for p in attacked.parameters():
         p.requires_grad_(True)
     for p in head.parameters():
@@ -286,11 +374,31 @@ def shot_attack(model: nn.Module, domain: Domain, config: SHOTAttackConfig | Map
 
 
 @ATTACKS.register("finetune", config=FinetuneAttackConfig, target="classifier", budget="k",
-                  description="fine-tune every weight on k labelled images of the unauthorized domain")
+                  description="fine-tune every weight on k labelled images of the unauthorized domain (= finetune-direct-all)")
 def run_finetune(target: nn.Module, config: FinetuneAttackConfig | Mapping[str, Any] | None = None, *,
                  domain: Domain) -> dict[str, Any]:
     """``run(target, config, domain=)`` of the ``finetune`` entry (see :func:`finetune_attack`)."""
     return finetune_attack(target, domain, config)
+
+
+def _register_strategy(strategy: str) -> None:
+    reinit, train_all = FINETUNE_STRATEGIES[strategy]
+    what = (("re-initialise the final classifier layer, then train " if reinit else "keep the final classifier layer, train ")
+            + ("every weight" if train_all else "only that layer"))
+
+    def run(target: nn.Module, config: FinetuneAttackConfig | Mapping[str, Any] | None = None, *,
+            domain: Domain) -> dict[str, Any]:
+        return finetune_attack(target, domain, config, strategy=strategy, name=f"finetune-{strategy}")
+
+    run.__name__ = run.__qualname__ = f"run_finetune_{strategy.replace('-', '_')}"
+    run.__doc__ = f"``run(target, config, domain=)`` of ``finetune-{strategy}``: {what} on k labelled unauthorized images."
+    ATTACKS.register(f"finetune-{strategy}", config=FinetuneAttackConfig, target="classifier", budget="k",
+                     description=f"NTLBench fine-tuning {strategy}: {what}, on k labelled images of the unauthorized domain")(run)
+    globals()[run.__name__] = run
+
+
+for _strategy in FINETUNE_STRATEGIES:
+    _register_strategy(_strategy)
 
 
 @ATTACKS.register("shot", config=SHOTAttackConfig, target="classifier", budget="n_train",

@@ -10,10 +10,21 @@ Output folder::
     models/<cell>/                  run folder of every protection (protected model + metrics.json)
     cells/<cell>.json               the result of every finished cell (a rerun skips it)
     results.csv, results.md         accuracy before/after, Drop_a, Drop_u, ST-D per method and pair
-    attacks.csv, attacks.md         unauthorized accuracy recovered by each attack (cost to break)
+    attacks.csv, attacks.md         unauthorized accuracy recovered by each attack (cost to break), with
+                                    the from-scratch reference (same architecture, same k images, same
+                                    steps) and the protection margin
+    robust.csv, robust.md,          with ``robust`` (a list of attacks, the ``digits-robust`` suite): the
+    robust-labels.csv, robust.html  attack suite (``ipshield.attacks.robust``): every attack and k on every
+                                    protected model, the unprotected model under the same attack, the
+                                    from-scratch reference, the protection margin, the labels an attacker
+                                    needs to match the unprotected model; plots (accuracy against k,
+                                    one radar chart per method) in robust.html
     ownership.csv, ownership.md     with ``ownership``: the ownership scenario per source and method
                                     (the unprotected and the protected model on grid-watermarked
                                     authorized test images)
+
+Any data source works (``source``/``data``: e.g. a ``folder`` source and its domain names in
+``pairs``), not only the three digit archives.
 
 DF-MAP and target-free NTL (``ntl-tf``, not in the default methods) never see unauthorized data:
 each is trained once per source domain and evaluated on every unauthorized domain. Sizes
@@ -28,6 +39,8 @@ import json
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
+
+from pydantic import field_validator
 
 from ipshield.config import BaseConfig
 from ipshield.errors import ConfigError
@@ -69,11 +82,35 @@ class DigitsBenchConfig(BaseConfig):
     shot_steps: int = 100
     #: also attack the unprotected source model (the reference for the cost to break)
     attack_source: bool = True
+    #: the honest from-scratch reference: the same architecture trained from random weights on the
+    #: same labelled images with the same steps (per unauthorized domain and k)
+    scratch: bool = True
+    #: the attack suite (``ipshield.attacks.robust``): attack names of the ATTACKS registry (classifier
+    #: attacks); empty = the classic cost-to-break table (fine-tuning with each k, SHOT)
+    robust: list[str] = []
+    #: config overrides per attack of the suite, e.g. {"nrc": {"steps": 60}} (k-attacks get
+    #: ``attack_steps``, ``shot`` gets ``shot_steps`` unless set here)
+    attack_options: dict[str, dict[str, Any]] = {}
+    #: test images per domain for the attacks (None: ``n_test``)
+    attack_n_test: int | None = None
+    #: the data source and its options (``ipshield.data.sources.load_domains``); the domain names are
+    #: those of ``pairs``
+    source: str = "digits"
+    data: dict[str, Any] = {}
     #: extra config overrides per method, e.g. {"sa-map": {"kl_cap": 8}}
     method_options: dict[str, dict[str, Any]] = {}
     #: also run the ownership scenario (grid watermark on the authorized domain) once per source
     #: domain and method (ntl-tf excluded: its target is generated, the watermark is known)
     ownership: bool = False
+
+    @field_validator("robust", mode="before")
+    @classmethod
+    def _robust(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            from ipshield.attacks.robust import ROBUST_ATTACKS
+
+            return list(ROBUST_ATTACKS) if v.strip().lower() in ("all", "default") else [x.strip() for x in v.split(",") if x.strip()]
+        return v
 
     @classmethod
     def smoke(cls, **kw: Any) -> "DigitsBenchConfig":
@@ -85,8 +122,9 @@ class DigitsBenchConfig(BaseConfig):
         return cls.build(base)
 
 
-def parse_pairs(text: str | None) -> list[tuple[str, str]] | None:
-    """``"mnist:usps,usps:mnistm"`` (``>`` also accepted) -> [("mnist", "usps"), ...]."""
+def parse_pairs(text: str | None, domains: Sequence[str] | None = None) -> list[tuple[str, str]] | None:
+    """``"mnist:usps,usps:mnistm"`` (``>`` also accepted) -> [("mnist", "usps"), ...]; ``domains``:
+    the names allowed (None: any name, checked when the data source loads them)."""
     if not text:
         return None
     out = []
@@ -95,8 +133,9 @@ def parse_pairs(text: str | None) -> list[tuple[str, str]] | None:
         if not item:
             continue
         parts = [p.strip().lower() for p in item.split(":")]
-        if len(parts) != 2 or parts[0] == parts[1] or any(p not in DOMAINS for p in parts):
-            raise ConfigError(f"bad pair '{item}'", f"write pairs as authorized:unauthorized with domains from {', '.join(DOMAINS)}")
+        if len(parts) != 2 or parts[0] == parts[1] or not all(parts) or (domains is not None and any(p not in domains for p in parts)):
+            allowed = f" with domains from {', '.join(domains)}" if domains is not None else ""
+            raise ConfigError(f"bad pair '{item}'", f"write pairs as authorized:unauthorized{allowed}")
         out.append((parts[0], parts[1]))
     return out
 
@@ -133,6 +172,58 @@ RESULT_COLUMNS = [
 ATTACK_COLUMNS_BASE = [("method", "method", 0), ("authorized", "authorized", 0), ("unauthorized", "unauthorized", 0),
                        ("acc_u_source", "Acc_u source", 1), ("acc_u_protected", "Acc_u protected", 1)]
 
+#: the long table of the attack suite (one row per model, pair, attack and k) and the labels-to-match table
+ROBUST_COLUMNS = ["method", "authorized", "unauthorized", "seed", "attack", "k", "budget", "reference", "acc_u_source",
+                  "acc_u_protected", "attacked", "unprotected", "scratch", "margin", "vs_unprotected"]
+LABEL_COLUMNS = ["method", "authorized", "unauthorized", "seed", "attack", "target", "labels_to_match", "labels_text"]
+
+
+def _slug(text: str) -> str:
+    import re
+
+    return re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-") or "x"
+
+
+def robust_markdown(long_rows: list[dict], label_rows: list[dict], meta: dict[str, Any]) -> str:
+    """robust.md: per method the mean over pairs of each attack (protected, unprotected, scratch,
+    margin), the labels-to-match table and the long table."""
+    import numpy as np
+
+    ks = meta.get("ks", [])
+    lines = [f"# Attack suite and honest references (seed {meta.get('seed')})", "",
+             "Unauthorized test accuracy (%) after each attack (the registry's names). *unprotected*: the unprotected "
+             "source model under the same attack and budget; *scratch*: the same architecture trained from random weights on "
+             "the same labelled images with the same steps (k-attacks: the k unauthorized images; attacks on a share of "
+             "authorized images: that share, labelled; unlabelled attacks: chance); *margin* = protected attacked - scratch "
+             "(at or below 0: the protection leaves the attacker no better off than starting over). Steps: "
+             + ", ".join(f"{a} {s}" for a, s in meta.get("steps", {}).items()) + f"; test images per domain: {meta.get('n_test')}.", ""]
+    methods = list(dict.fromkeys(r["method"] for r in long_rows))
+    keys = list(dict.fromkeys((r["attack"], r["k"]) for r in long_rows))
+
+    def mean(vals):
+        vals = [v for v in vals if v is not None]
+        return float(np.mean(vals)) if vals else None
+
+    lines += ["## Mean over pairs", "", "| method | attack | k | protected | unprotected | scratch | margin |", "|---|---|---:|---:|---:|---:|---:|"]
+    for m in methods:
+        for a, k in keys:
+            rs = [r for r in long_rows if r["method"] == m and r["attack"] == a and r["k"] == k]
+            lines.append(f"| {m} | {a} | {'' if k is None else k} | " + " | ".join(
+                _fmt(mean([r[c] for r in rs])) for c in ("attacked", "unprotected", "scratch", "margin")) + " |")
+    if label_rows:
+        lines += ["", f"## Labels to match the unprotected model (k grid {ks}, interpolated in log k)", "",
+                  "Labelled unauthorized images the attacker needs, with each fine-tuning strategy, for the attacked protected model "
+                  "to reach the unprotected model's unauthorized accuracy (which the unprotected model gives for 0 labels).", "",
+                  "| method | authorized | unauthorized | attack | target % | labels |", "|---|---|---|---|---:|---:|"]
+        for r in label_rows:
+            lines.append(f"| {r['method']} | {r['authorized']} | {r['unauthorized']} | {r['attack']} | {_fmt(r['target'])} | {r['labels_text']} |")
+    cols = [("method", "method", 0), ("authorized", "authorized", 0), ("unauthorized", "unauthorized", 0), ("attack", "attack", 0),
+            ("k", "k", 0), ("acc_u_protected", "no attack", 1), ("attacked", "protected", 1), ("unprotected", "unprotected", 1),
+            ("scratch", "scratch", 1), ("margin", "margin", 1)]
+    lines += ["", "## Every pair", "", _markdown([{**r, "k": "" if r["k"] is None else r["k"]} for r in long_rows], cols)]
+    return "\n".join(lines) + "\n"
+
+
 OWNERSHIP_COLUMNS = [("method", "method", 0), ("authorized", "authorized", 0), ("opacity", "grid opacity", 1),
                      ("acc_a_before", "clean before", 1), ("acc_a_after", "clean after", 1), ("drop_a", "Drop_a", 1),
                      ("acc_wm_before", "watermarked, unprotected", 1), ("acc_wm_after", "watermarked, protected", 1),
@@ -149,6 +240,10 @@ class DigitsBench:
         for m in config.methods:
             if m not in classifier_methods():
                 raise ConfigError(f"unknown benchmark method '{m}'", f"choose among {', '.join(classifier_methods())}")
+        if config.robust:
+            from ipshield.attacks.robust import check_attacks
+
+            check_attacks(config.robust)
         self.computed: list[str] = []  # cells computed in this call (the rest were reused)
         self._domains = None
         self._sources: dict[str, Any] = {}
@@ -157,11 +252,25 @@ class DigitsBench:
     @property
     def domains(self):
         if self._domains is None:
-            from ipshield.data.digits import load_digits
+            needed = list(dict.fromkeys(d for p in self.cfg.pairs for d in p))
+            if self.cfg.source == "digits" and not self.cfg.data and all(d in DOMAINS for d in needed):
+                from ipshield.data.digits import load_digits
 
-            needed = sorted({d for p in self.cfg.pairs for d in p}, key=DOMAINS.index)
-            self._domains = load_digits(tuple(needed), root=self.root, size=32)
+                self._domains = load_digits(tuple(sorted(needed, key=DOMAINS.index)), root=self.root, size=32)
+            else:
+                from ipshield.data.sources import load_domains
+
+                opts = {"root": self.root, **self.cfg.data}
+                self._domains = load_domains(self.cfg.source, needed, **opts)
+                missing = [d for d in needed if d not in self._domains]
+                if missing:
+                    raise ConfigError(f"the data source '{self.cfg.source}' has no domain(s) {missing}",
+                                      f"its domains here: {', '.join(self._domains)}")
         return self._domains
+
+    def _order(self, names) -> list[str]:
+        order = list(dict.fromkeys(d for p in self.cfg.pairs for d in p))
+        return sorted(set(names), key=order.index)
 
     def source(self, name: str):
         from ipshield.models.classifiers import SourceTrainConfig, load_classifier, train_source
@@ -236,7 +345,7 @@ class DigitsBench:
         targets = [tgt]
         key = f"{method}__{src}__{tgt}"
         if "unauthorized" not in METHODS.get(method).data:  # no unauthorized data: one run per source, evaluated on every target
-            targets = sorted({b for a, b in self.cfg.pairs if a == src}, key=DOMAINS.index)
+            targets = self._order(b for a, b in self.cfg.pairs if a == src)
             key = f"{method}__{src}__{'+'.join(targets)}"
 
         def compute() -> dict:
@@ -291,25 +400,186 @@ class DigitsBench:
                 "acc_wm_before": s["acc_u_before"][wm], "acc_wm_after": s["acc_u_after"][wm],
                 "seconds": result.get("seconds"), "seed": result.get("seed"), "model_dir": result["model_dir"]}
 
+    # ------------------------------------------------------------------ attacks and their references
+    def attack_options(self, name: str) -> dict[str, Any]:
+        """The config overrides of attack ``name`` in this benchmark: ``attack_steps`` for the
+        k-attacks, ``shot_steps`` for SHOT, then ``attack_options[name]``."""
+        from ipshield.attacks.robust import uses_k
+
+        opts: dict[str, Any] = {}
+        if uses_k(name):
+            opts["steps"] = self.cfg.attack_steps
+        if name == "shot":
+            opts["steps"] = self.cfg.shot_steps
+        opts.update(self.cfg.attack_options.get(name, {}))
+        return opts
+
+    @property
+    def attack_n_test(self) -> int | None:
+        return self.cfg.attack_n_test if self.cfg.attack_n_test is not None else self.cfg.n_test
+
+    def suite_attacks(self) -> list[str]:
+        """The attacks of the robust table (``robust``), or the classic one's fine-tuning."""
+        return list(self.cfg.robust) or ["finetune-direct-all"]
+
+    def _digest(self, *parts: Any) -> str:
+        import hashlib
+
+        blob = json.dumps([self.suite_attacks(), {a: self.attack_options(a) for a in self.suite_attacks()},
+                           self.attack_n_test, self.cfg.seed, self.cfg.arch, *parts], sort_keys=True, default=str)
+        return hashlib.sha1(blob.encode()).hexdigest()[:8]
+
+    def scratch_refs(self, src: str, tgt: str) -> dict[str, Any]:
+        """The from-scratch references for the pair (``ipshield.attacks.robust.scratch_grid``): the
+        k labelled unauthorized images once per unauthorized domain, the authorized-data ones per pair."""
+        from ipshield.attacks.robust import scratch_grid
+
+        if not self.cfg.scratch:
+            return {}
+        attacks, opts = self.suite_attacks(), {a: self.attack_options(a) for a in self.suite_attacks()}
+        ks = list(self.cfg.ks)
+
+        def unauth() -> dict:
+            return scratch_grid(self.source(src), self.domains[tgt], None, attacks, ks, opts, self.cfg.seed,
+                                self.attack_n_test, which="unauthorized")
+
+        refs = dict(self._cell(f"scratch__{tgt}__{self._digest(ks)}", unauth))
+        if any(self._reference_kind(a) == "authorized" for a in attacks):
+            def auth() -> dict:
+                return scratch_grid(self.source(src), self.domains[tgt], self.domains[src], attacks, ks, opts, self.cfg.seed,
+                                    self.attack_n_test, which="authorized")
+
+            refs.update({k: v for k, v in self._cell(f"scratch__{src}__{tgt}__{self._digest()}", auth).items()
+                         if k.startswith("scratch_") or k == "chance"})
+        return {k: v for k, v in refs.items() if k.startswith("scratch_") or k == "chance"}
+
+    @staticmethod
+    def _reference_kind(name: str) -> str:
+        from ipshield.attacks.robust import reference_kind
+
+        return reference_kind(name)
+
     def attack_cell(self, method: str, src: str, tgt: str, model_dir: str | None, acc_u_source: float, acc_u_protected: float) -> dict:
-        from ipshield.attacks.domain import cost_to_break
+        """The attacks on one model (``model_dir``; None: the unprotected source model) on one pair:
+        the classic cost to break (fine-tuning with each k, SHOT) or, with ``robust``, the attack
+        suite; with ``scratch``, the from-scratch references and the margins."""
         from ipshield.models.classifiers import load_classifier
 
-        key = f"attack__{method}__{src}__{tgt}"
+        def load():
+            return self.source(src) if model_dir is None else load_classifier(self.out / model_dir)
 
-        def compute() -> dict:
-            model = self.source(src) if model_dir is None else load_classifier(self.out / model_dir)
-            r = cost_to_break(model, self.domains[tgt], tuple(self.cfg.ks), shot=True, seed=self.cfg.seed, n_test=self.cfg.n_test,
-                              finetune={"steps": self.cfg.attack_steps}, shot_options={"steps": self.cfg.shot_steps})
-            return {"cell": key, **r}
+        if self.cfg.robust:
+            from ipshield.attacks.robust import attack_grid
+
+            key = f"robust__{_slug(method)}__{src}__{tgt}__{self._digest(list(self.cfg.ks))}"
+
+            def compute() -> dict:
+                opts = {a: self.attack_options(a) for a in self.cfg.robust}
+                r = attack_grid(load(), self.domains[tgt], self.domains[src], self.cfg.robust, list(self.cfg.ks), opts,
+                                self.cfg.seed, self.attack_n_test, log=None)
+                return {"cell": key, "method": method, "authorized": src, "unauthorized": tgt, **r}
+        else:
+            from ipshield.attacks.domain import cost_to_break
+
+            key = f"attack__{method}__{src}__{tgt}"
+
+            def compute() -> dict:
+                r = cost_to_break(load(), self.domains[tgt], tuple(self.cfg.ks), shot=True, seed=self.cfg.seed,
+                                  n_test=self.cfg.n_test, finetune={"steps": self.cfg.attack_steps},
+                                  shot_options={"steps": self.cfg.shot_steps})
+                return {"cell": key, **r}
 
         r = self._cell(key, compute)
         row = {"method": method, "authorized": src, "unauthorized": tgt, "acc_u_source": acc_u_source,
                "acc_u_protected": acc_u_protected, "seconds": r.get("seconds"), "seed": r.get("seed")}
         for k in self.cfg.ks:
-            row[f"finetune_k{k}"] = r.get(f"finetune_k{k}")
+            row[f"finetune_k{k}"] = r.get(f"finetune_k{k}", r.get(f"finetune-direct-all_k{k}"))
         row["shot"] = r.get("shot")
+        if self.cfg.robust:
+            row.update({k: v for k, v in r.items() if k not in row and k not in ("cell", "method", "authorized", "unauthorized")})
+        refs = self.scratch_refs(src, tgt)
+        row.update(refs)
+        for k in self.cfg.ks:
+            if row.get(f"finetune_k{k}") is not None and refs.get(f"scratch_k{k}") is not None:
+                row[f"margin_k{k}"] = row[f"finetune_k{k}"] - refs[f"scratch_k{k}"]
+        row["model_dir"] = model_dir
+        if self.cfg.robust:  # inside a suite nobody else writes the robust tables: the last attack cell does
+            self.write_robust(only_if_complete=True)
         return row
+
+    def robust_results(self) -> tuple[list[dict], list[dict], list[dict]]:
+        """From the finished cells of this configuration: the per-model grid rows, the long rows
+        (attack x k with the references and margins) and the labels-to-match rows."""
+        from ipshield.attacks.robust import labels_rows, robust_rows
+
+        ks = list(self.cfg.ks)
+        digest = self._digest(ks)
+        grid_rows, long_rows, label_rows = [], [], []
+        for src, tgt in self.cfg.pairs:
+            cells = {}
+            for method in ["source (unprotected)", *self.cfg.methods]:
+                path = self.out / "cells" / f"robust__{_slug(method)}__{src}__{tgt}__{digest}.json"
+                if path.is_file():
+                    cells[method] = json.loads(path.read_text())
+            if not cells:
+                continue
+            acc = self._pair_accuracy(src, tgt)
+            refs = self.scratch_refs(src, tgt) if self.cfg.scratch else {}
+            src_grid = cells.get("source (unprotected)")
+            # accuracies before the attacks as the attacks measured them (the same test images as the attacked ones)
+            acc_source = src_grid.get("acc_before") if src_grid else acc.get("source")
+            for method, c in cells.items():
+                grid = {**c, "method": method, "authorized": src, "unauthorized": tgt, "seed": c.get("seed"),
+                        "acc_u_source": acc_source, "acc_u_protected": c.get("acc_before", acc.get(method))}
+                grid.update(refs)
+                grid_rows.append(grid)
+                long_rows += robust_rows(grid, src_grid, refs, self.cfg.robust, ks)
+                label_rows += labels_rows(grid, self.cfg.robust, ks)
+        return grid_rows, long_rows, label_rows
+
+    def _pair_accuracy(self, src: str, tgt: str) -> dict[str, Any]:
+        """Unauthorized accuracy of the source model and of each finished protection on the pair."""
+        from ipshield.registry import METHODS
+
+        out: dict[str, Any] = {}
+        for method in self.cfg.methods:
+            targets = [tgt]
+            key = f"{method}__{src}__{tgt}"
+            if "unauthorized" not in METHODS.get(method).data:
+                targets = self._order(b for a, b in self.cfg.pairs if a == src)
+                key = f"{method}__{src}__{'+'.join(targets)}"
+            path = self.out / "cells" / f"{key}.json"
+            if path.is_file():
+                s = json.loads(path.read_text())["summary"]
+                out[method] = s["acc_u_after"][tgt]
+                out.setdefault("source", s["acc_u_before"][tgt])
+        out["source (unprotected)"] = out.get("source")
+        return out
+
+    def write_robust(self, only_if_complete: bool = False) -> Path | None:
+        """robust.csv, robust-labels.csv, robust.md and robust.json (robust.html is the report layer's; when the report layer is
+        there) in the benchmark folder, and in the suite folder when this benchmark runs inside
+        one (``<suite>/shared/digits-s<seed>``). ``only_if_complete``: only once every protected
+        model of the configuration has its attack cell."""
+        grid_rows, long_rows, label_rows = self.robust_results()
+        done = {(r["method"], r["authorized"], r["unauthorized"]) for r in grid_rows}
+        if only_if_complete and not all((m, a, u) in done for a, u in self.cfg.pairs for m in self.cfg.methods):
+            return None
+        if not long_rows:
+            return None
+        meta = {"seed": self.cfg.seed, "ks": list(self.cfg.ks), "attacks": list(self.cfg.robust),
+                "steps": {a: self.attack_options(a).get("steps") for a in self.cfg.robust}, "n_test": self.attack_n_test}
+        folders = [self.out]
+        if self.out.parent.name == "shared" and self.out.name.startswith("digits-s"):
+            folders.append(self.out.parent.parent)
+        path = None
+        for folder in folders:
+            _write_csv(folder / "robust.csv", long_rows, ROBUST_COLUMNS)
+            _write_csv(folder / "robust-labels.csv", label_rows, LABEL_COLUMNS)
+            (folder / "robust.md").write_text(robust_markdown(long_rows, label_rows, meta))
+            write_json(folder / "robust.json", {"meta": meta, "grid": grid_rows, "rows": long_rows, "labels": label_rows})
+            path = folder / "robust.json"  # robust.html: the report layer (``report.html.write_report``) draws it
+        return path
 
     # ------------------------------------------------------------------ the whole benchmark
     def run(self) -> dict[str, Any]:
@@ -333,7 +603,7 @@ class DigitsBench:
                 for r in pair_rows:
                     attack_rows.append(self.attack_cell(r["method"], src, tgt, r["model_dir"], r["acc_u_before"], r["acc_u_after"]))
                     self.log(f"attacks on {r['method']} {src}->{tgt}: " + ", ".join(
-                        f"{k}={_fmt(v)}" for k, v in attack_rows[-1].items() if k.startswith(("finetune", "shot"))))
+                        f"{k}={_fmt(v)}" for k, v in attack_rows[-1].items() if k.startswith(("finetune_k", "shot"))))
         own_rows = []
         if self.cfg.ownership:
             for src in dict.fromkeys(a for a, _ in self.cfg.pairs):
@@ -343,6 +613,8 @@ class DigitsBench:
                     self.log(f"ownership {method} {src}: watermarked {r['acc_wm_before']:.1f}->{r['acc_wm_after']:.1f}, "
                              f"clean {r['acc_a_before']:.1f}->{r['acc_a_after']:.1f} (opacity {r['opacity']})")
         self.write_tables(rows, attack_rows, own_rows)
+        if self.cfg.robust and attack_rows:
+            self.write_robust()
         seconds = round(time.time() - t0, 1)
         run.save_metrics({"rows": rows, "attacks": attack_rows, "ownership": own_rows, "computed": self.computed,
                           "seconds_this_call": seconds, "summary": summarize_targets(rows)}, "metrics.json")
@@ -360,12 +632,18 @@ class DigitsBench:
                                                                          ("acc_u_after_mean", "mean Acc_u after", 1), ("st_d_mean", "mean ST-D", 4)]))
         (self.out / "results.md").write_text("".join(md))
         if attack_rows:
-            cols = ATTACK_COLUMNS_BASE + [(f"finetune_k{k}", f"fine-tune k={k}", 1) for k in self.cfg.ks] + [("shot", "SHOT", 1), ("seed", "seed", 0)]
+            cols = ATTACK_COLUMNS_BASE + [(f"finetune_k{k}", f"fine-tune k={k}", 1) for k in self.cfg.ks] + [("shot", "SHOT", 1)]
+            if any(r.get(f"scratch_k{k}") is not None for r in attack_rows for k in self.cfg.ks):
+                cols += [(f"scratch_k{k}", f"from scratch k={k}", 1) for k in self.cfg.ks]
+                cols += [(f"margin_k{k}", f"margin k={k}", 1) for k in self.cfg.ks]
+            cols += [("seed", "seed", 0)]
             _write_csv(self.out / "attacks.csv", attack_rows, [c[0] for c in cols])
             (self.out / "attacks.md").write_text(
                 f"# Cost to break (seed {self.cfg.seed})\n\nUnauthorized test accuracy (percent) after each attack on the protected model: "
                 f"fine-tuning all weights with k labelled unauthorized images ({self.cfg.attack_steps} steps), SHOT-style "
-                f"source-free adaptation ({self.cfg.shot_steps} steps, no labels).\n\n" + _markdown(attack_rows, cols))
+                f"source-free adaptation ({self.cfg.shot_steps} steps, no labels). From scratch: the same architecture trained from "
+                f"random weights on the same k images with the same steps; margin = fine-tuned protected - from scratch (at or "
+                f"below 0: the protection leaves the attacker no better off than starting over).\n\n" + _markdown(attack_rows, cols))
         if own_rows:
             _write_csv(self.out / "ownership.csv", list(own_rows), [c[0] for c in OWNERSHIP_COLUMNS])
             (self.out / "ownership.md").write_text(

@@ -1,7 +1,10 @@
 """``ipshield attack NAME``: one command per registered attack on a classifier (``ATTACKS`` entries
 whose target is "classifier"), the same names and options as ``ipshield.jobs.attack.attack``.
 ``ipshield attack finetune`` is the cost to break a domain restriction (fine-tuning with each
-``--k`` and SHOT); ``ipshield attack extract`` (the watermark thief) is in ``cli/watermark.py``.
+``--k`` and SHOT, with the from-scratch reference and, given ``--reference``, the unprotected
+model attacked the same way); attacks that use a share of the authorized images
+(``source-finetune``, ``transntl``, ``disguise``) take ``--authorized NAME``; ``ipshield attack
+extract`` (the watermark thief) is in ``cli/watermark.py``.
 Heavy imports happen inside the commands."""
 
 from __future__ import annotations
@@ -21,20 +24,28 @@ DomainOpt = typer.Option(..., "--domain", help="the unauthorized domain the atta
 SourceOpt = typer.Option("digits", "--source", help=source_help("digits"))
 AttackDomainsOpt = typer.Option(None, "--domains", help="comma-separated domains of the source to load with --domain "
                                                         "(default: only --domain)")
+AuthorizedOpt = typer.Option(None, "--authorized", help="the authorized (source) domain the attacker holds a share of "
+                                                        "(any domain of --source; attacks that take authorized images)")
 OutOpt = typer.Option(None, "--out", help="run folder (config.yaml, metrics.json, the attacked model); default: print only")
 SeedOpt = typer.Option(None, "--seed", help="random seed (overrides the config)")
 OverwriteOpt = typer.Option(False, "--overwrite", help="replace a finished run already in --out")
 
 
-def _load_target(model: Path, domain: str, source: str, root: Optional[Path], domains: Optional[str]):
-    """The attacker's domain and the protected classifier (checked against the domain's classes)."""
+def _load_target(model: Path, domain: str, source: str, root: Optional[Path], domains: Optional[str],
+                 authorized: Optional[str] = None):
+    """The attacker's domain and the protected classifier (checked against the domain's classes);
+    with ``authorized``, also that domain (else None)."""
     from ipshield.cli.common import split_names
     from ipshield.models.classifiers import load_classifier
 
-    wanted = list(dict.fromkeys([domain, *(split_names(domains) or [])]))
+    wanted = list(dict.fromkeys([domain, *([authorized] if authorized else []), *(split_names(domains) or [])]))
     doms = load_source(source, root, ",".join(wanted))
     d = doms[match_domain(domain, doms)]
-    return load_classifier(model, classes=d.classes), d
+    a = doms[match_domain(authorized, doms)] if authorized else None
+    clf = load_classifier(model, classes=d.classes)
+    if authorized is None:
+        return clf, d
+    return clf, d, a
 
 
 def _echo_result(result: dict[str, Any]) -> None:
@@ -44,17 +55,34 @@ def _echo_result(result: dict[str, Any]) -> None:
         typer.echo(f"{key}: {v:.1f}" if isinstance(v, float) else f"{key}: {v}")
 
 
+def _takes_authorized(spec: AttackSpec) -> bool:
+    import inspect
+
+    return "authorized" in inspect.signature(spec.run).parameters
+
+
 def run_attack_command(spec: AttackSpec, *, model: Path, domain: str, source: str, root: Optional[Path],
                        domains: Optional[str], config: Optional[Path], overrides: Optional[list[str]],
-                       out: Optional[Path], seed: Optional[int], overwrite: bool) -> dict:
-    """What every ``ipshield attack NAME`` command does: validate the config, load the domain and
-    the classifier, call ``jobs.attack.attack``, print."""
+                       out: Optional[Path], seed: Optional[int], overwrite: bool, authorized: Optional[str] = None) -> dict:
+    """What every ``ipshield attack NAME`` command does: validate the config, load the domain (and
+    the authorized one) and the classifier, call ``jobs.attack.attack``, print."""
     from ipshield.config import read_yaml
+    from ipshield.errors import IPShieldError
     from ipshield.jobs.attack import attack, build_attack_config
 
     cfg = build_attack_config(spec, read_yaml(config), overrides, seed)  # a clear error before any data is loaded
-    clf, d = _load_target(model, domain, source, root, domains)
-    result = attack(spec.name, target=clf, out=out, config=cfg, overwrite=overwrite, domain=d)
+    inputs = {}
+    if _takes_authorized(spec):
+        if not authorized:
+            raise IPShieldError(f"attack '{spec.name}' needs the attacker's authorized (source-domain) images, and none "
+                                "were given", "add --authorized NAME (a domain of --source; in Python: authorized=<Domain>)")
+        clf, d, inputs["authorized"] = _load_target(model, domain, source, root, domains, authorized)
+    else:
+        if authorized:
+            raise IPShieldError(f"attack '{spec.name}' takes no authorized images",
+                                "drop --authorized (only source-finetune, transntl and disguise-like attacks take it)")
+        clf, d = _load_target(model, domain, source, root, domains)
+    result = attack(spec.name, target=clf, out=out, config=cfg, overwrite=overwrite, domain=d, **inputs)
     _echo_result(result)
     if out is not None:
         typer.echo(f"run folder: {out}")
@@ -73,9 +101,10 @@ def _make_command(spec: AttackSpec):
         out: Optional[Path] = OutOpt,
         seed: Optional[int] = SeedOpt,
         overwrite: bool = OverwriteOpt,
+        authorized: Optional[str] = AuthorizedOpt,
     ) -> None:
         run_attack_command(spec, model=model, domain=domain, source=source, root=root, domains=domains, config=config,
-                           overrides=overrides, out=out, seed=seed, overwrite=overwrite)
+                           overrides=overrides, out=out, seed=seed, overwrite=overwrite, authorized=authorized)
 
     command.__doc__ = (f"{spec.description or spec.name}. Budget: {spec.budget}. "
                        f"Config: {spec.config.__name__ if spec.config else '-'} (--set key=value).")
@@ -102,8 +131,13 @@ def attack_finetune(
     seed: int = typer.Option(0, "--seed", help="random seed"),
     out: Optional[Path] = OutOpt,
     overwrite: bool = OverwriteOpt,
+    scratch: bool = typer.Option(True, "--scratch/--no-scratch", help="add the honest reference: the same architecture "
+                                 "trained from scratch on the same k images with the same steps, and the margin"),
+    reference: Optional[Path] = typer.Option(None, "--reference", help="the unprotected classifier folder (e.g. the "
+                                             "source model): attacked the same way, as the other reference"),
 ) -> None:
-    """Cost to break a domain restriction: accuracy recovered by fine-tuning with k labels (and SHOT)."""
+    """Cost to break a domain restriction: accuracy recovered by fine-tuning (finetune = finetune-direct-all) with k
+    labels (and SHOT), against the same architecture trained from scratch on the same k images."""
     from ipshield.config import read_yaml
     from ipshield.errors import ConfigError
     from ipshield.jobs.attack import cost_to_break, cost_to_break_configs
@@ -117,8 +151,13 @@ def attack_finetune(
     data = read_yaml(config)
     cost_to_break_configs(ks, shot, finetune_set, shot_set, data)  # a clear error before any data is loaded
     clf, d = _load_target(model, domain, source, root, domains)
+    ref = None
+    if reference is not None:
+        from ipshield.models.classifiers import load_classifier
+
+        ref = load_classifier(reference, classes=d.classes)
     result = cost_to_break(clf, d, ks=ks, shot=shot, out=out, overrides=finetune_set, shot_overrides=shot_set,
-                           seed=seed, config=data, overwrite=overwrite)
+                           seed=seed, config=data, overwrite=overwrite, scratch=scratch, reference=ref)
     skipped = result.pop("skipped", None)
     _echo_result(result)
     if skipped:

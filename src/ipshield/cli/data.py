@@ -8,6 +8,7 @@ from typing import Optional
 import typer
 
 from ipshield.cli import data_app
+from ipshield.cli.common import ClassNamesOpt, TestFractionOpt
 
 _SOURCE = typer.Option("synthetic", "--source", help="synthetic (embedded default), digits, or folder")
 _ROOT = typer.Option(None, "--root", "--digits-root",
@@ -18,11 +19,11 @@ _N_TEST = typer.Option(None, "--n-test", help="synthetic: test images per domain
 _SEED = typer.Option(0, "--seed", help="synthetic generation / folder split / sample choice seed")
 _SIZE = typer.Option(None, "--size", help="image size of synthetic and digit images (default 32)")
 _ON_CORRUPT = typer.Option("skip", "--on-corrupt", help="folder: skip (count) or fail on unreadable images")
-_TEST_FRACTION = typer.Option(0.2, "--test-fraction", help="folder: share of each class held out for test")
 
 
 def _load(source: str, root: Optional[Path], domains: Optional[str], n_train: Optional[int], n_test: Optional[int],
-          seed: int, size: Optional[int], on_corrupt: str, test_fraction: float) -> dict:
+          seed: int, size: Optional[int], on_corrupt: str, test_fraction: Optional[float],
+          class_names: Optional[str] = None) -> dict:
     from ipshield.data.sources import load_domains
     from ipshield.registry import DATASETS
 
@@ -37,7 +38,7 @@ def _load(source: str, root: Optional[Path], domains: Optional[str], n_train: Op
         opts = dict(root=root, seed=seed, on_corrupt=on_corrupt, test_fraction=test_fraction)
     else:  # a source added by a plug-in: pass what was given
         opts = dict(root=root)
-    return load_domains(source, domains, **opts)
+    return load_domains(source, domains, class_names=class_names, **opts)
 
 
 @data_app.command("preview")
@@ -52,12 +53,13 @@ def preview(
     seed: int = _SEED,
     size: Optional[int] = _SIZE,
     on_corrupt: str = _ON_CORRUPT,
-    test_fraction: float = _TEST_FRACTION,
+    test_fraction: Optional[float] = TestFractionOpt,
+    class_names: Optional[str] = ClassNamesOpt,
 ):
     """Write a PNG grid of sample images: one row per domain, each image titled with its class."""
     from ipshield.data.preview import preview_grid
 
-    doms = _load(source, root, domains, n_train, n_test, seed, size, on_corrupt, test_fraction)
+    doms = _load(source, root, domains, n_train, n_test, seed, size, on_corrupt, test_fraction, class_names)
     path = preview_grid(doms, out, per_domain=per_domain, seed=seed)
     typer.echo(f"wrote {path} ({len(doms)} domains x {per_domain} samples)")
 
@@ -72,13 +74,14 @@ def info(
     seed: int = _SEED,
     size: Optional[int] = _SIZE,
     on_corrupt: str = _ON_CORRUPT,
-    test_fraction: float = _TEST_FRACTION,
+    test_fraction: Optional[float] = TestFractionOpt,
+    class_names: Optional[str] = ClassNamesOpt,
 ):
     """A table of the source's domains: classes, split sizes, image size, skipped files."""
     from rich.console import Console
     from rich.table import Table
 
-    doms = _load(source, root, domains, n_train, n_test, seed, size, on_corrupt, test_fraction)
+    doms = _load(source, root, domains, n_train, n_test, seed, size, on_corrupt, test_fraction, class_names)
     table = Table(title=f"data source: {source}")
     for col in ("domain", "classes", "train", "test", "image", "skipped", "about"):
         table.add_column(col, justify="right" if col in ("classes", "train", "test", "skipped") else "left")

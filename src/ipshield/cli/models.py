@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from ipshield.cli import app
-from ipshield.cli.common import ConfigOpt, DomainsOpt, RootOpt, SetOpt, SourceOpt, load_source
+from ipshield.cli.common import (ClassNamesOpt, ConfigOpt, DomainsOpt, RootOpt, SetOpt, SourceOpt, TestFractionOpt,
+                                 load_source)
 
 
 @app.command("pretrain")
@@ -77,6 +78,8 @@ def zero_shot_cmd(
     source: str = SourceOpt,
     root: Optional[Path] = RootOpt,
     domains: Optional[str] = DomainsOpt,
+    test_fraction: Optional[float] = TestFractionOpt,
+    class_names: Optional[str] = ClassNamesOpt,
     template: Optional[list[str]] = typer.Option(None, "--template", help="prompt template with {} for the class (repeatable: ensemble)"),
     backend: str = typer.Option("hf", "--backend", help="hf (transformers) or open_clip"),
     device: str = typer.Option("cpu", "--device", help="auto | cpu | cuda"),
@@ -90,11 +93,11 @@ def zero_shot_cmd(
     from ipshield.report.tables import print_accuracy_table
 
     cfg = ZeroShotConfig.build({"templates": list(template)} if template else {})
+    doms = load_source(source, root, domains, class_names=class_names, test_fraction=test_fraction)
     path = model if model is not None else small_clip("default")
     from ipshield.utils import resolve_device
 
     adapter = load_clip(path, backend=backend, device=str(resolve_device(device)))
-    doms = load_source(source, root, domains)
     if out is not None:
         acc = run_zero_shot(adapter, doms, out, cfg, model_path=str(path))["accuracy"]["after"]
     else:

@@ -55,19 +55,31 @@ class ImageSplit:
         return ImageSplit(imgs, self.labels[idx])
 
     def to_tensor(self, size: int | None = None) -> torch.Tensor:
-        """All images as float [N, 3, S, S] in [0, 1] (resized to ``size`` if given)."""
-        from ipshield.data.transforms import resize
+        """All images as float [N, 3, S, S] in [0, 1]. With ``size``, every image goes through
+        ``ipshield.data.transforms.resize_crop`` (shorter side to ``size``, bicubic, anti-aliased
+        when shrinking; centre crop), the function ``CLIPAdapter.preprocess`` uses too: identical
+        pixels give identical tensors whether they are held in memory or read from files. Without
+        ``size`` the images keep their resolution (files must then all have the same size)."""
+        from ipshield.data.transforms import resize_crop
 
         if self.in_memory:
             x = torch.from_numpy(np.ascontiguousarray(self.images)).permute(0, 3, 1, 2).float().div_(255.0)
-            return resize(x, size) if size is not None else x
-        if size is None:
-            raise DataError("images loaded from files have different sizes", "pass size= to to_tensor")
-        out = torch.empty(len(self), 3, size, size)
-        for i in range(len(self)):
-            img = torch.from_numpy(self.load(i)).permute(2, 0, 1).float().div_(255.0)
-            out[i] = resize(img[None], size)[0]
-        return out
+            return resize_crop(x, size) if size is not None else x
+        if size is not None:
+            out = torch.empty(len(self), 3, size, size)
+            for i in range(len(self)):
+                img = torch.from_numpy(self.load(i)).permute(2, 0, 1).float().div_(255.0)
+                out[i] = resize_crop(img[None], size)[0]
+            return out
+        images = [self.load(i) for i in range(len(self))]
+        shapes = sorted({im.shape[:2] for im in images})
+        if len(shapes) > 1:
+            shown = ", ".join(f"{h}x{w}" for h, w in shapes[:4]) + (" ..." if len(shapes) > 4 else "")
+            raise DataError(f"the image files have different sizes ({shown})",
+                            "pass size= to to_tensor (images are then resized and centre-cropped to it)")
+        if not images:
+            return torch.empty(0, 3, 0, 0)
+        return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float().div_(255.0)
 
 
 @dataclass

@@ -8,6 +8,9 @@ DomainNet as distributed).
   class, seeded) is made. A single ``images/`` level (Office-31's ``amazon/images/<class>``) is
   descended into.
 - Classes are the sorted class-folder names; all chosen domains must have the same classes.
+- Class names: ``class_names`` (a map ``{folder name: name}``, ``"0=zero,1=one"`` or a YAML / JSON
+  file; see ``ipshield.data.classnames``) renames the classes, keeping their order; without it a
+  ``ROOT/class_names.yaml`` (``.yml``, ``.json``) next to the domain folders is used when present.
 - Images stay on disk (a split holds paths, loaded lazily). Every file is checked when the
   dataset is loaded (a cheap PIL ``verify``): with ``on_corrupt="skip"`` unreadable files are left
   out and counted (``ImageSplit.skipped`` and a warning); with ``"fail"`` the first one raises.
@@ -19,7 +22,7 @@ import re
 import warnings
 import zlib
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 
@@ -184,15 +187,23 @@ def _load_one(folder: Path, test_fraction: float, seed: int, on_corrupt: str, ex
 
 def load_image_folders(root: str | Path, domains: Iterable[str] | str | None = None, test_fraction: float = 0.2,
                        seed: int = 0, on_corrupt: str = "skip", extensions: Sequence[str] = IMAGE_EXTENSIONS,
-                       verify: bool = True) -> dict[str, Domain]:
+                       verify: bool = True, class_names: Any = None) -> dict[str, Domain]:
     """Domains read from ``root/<domain>/<class>/<image>``, keyed by folder name (all domains when
-    ``domains`` is None). See the module docstring for matching, splits and corrupt files."""
+    ``domains`` is None). See the module docstring for matching, splits, class names and corrupt
+    files."""
+    from ipshield.data.classnames import find_class_names_file, parse_class_names, rename_classes
+
     if on_corrupt not in ("skip", "fail"):
         raise DataError(f"on_corrupt must be 'skip' or 'fail' (got {on_corrupt!r})", "pass on_corrupt='skip' or 'fail'")
     if not 0.0 <= float(test_fraction) < 1.0:
         raise DataError(f"test_fraction must be in [0, 1) (got {test_fraction})", "pass e.g. test_fraction=0.2")
     r = _check_root(root)
     folders = _resolve_domains(r, domains)
+    mapping, origin = parse_class_names(class_names), "the class-name map"
+    if mapping is None:
+        found = find_class_names_file(r)
+        if found is not None:
+            mapping, origin = parse_class_names(found), f"the class-name file {found}"
     out = {f.name: _load_one(f, float(test_fraction), seed, on_corrupt, extensions, verify) for f in folders}
     check_same_classes(list(out.values()))
-    return out
+    return rename_classes(out, mapping, origin)

@@ -6,6 +6,10 @@ Sources are registered in ``ipshield.registry.DATASETS`` (``SourceSpec``: a load
 - ``synthetic``: the embedded procedural digits (``root`` is ignored);
 - ``digits``: MNIST / USPS / MNIST-M archives (``root`` or env ``IPSHIELD_DIGITS``);
 - ``folder``: image folders ``root/<domain>/<class>/<image>``.
+
+Every source takes ``class_names`` too (a class-name map, see ``ipshield.data.classnames``): the
+classes are renamed after loading, in their order, e.g. ``class_names="0=zero,1=one"`` for a
+folder whose classes are named by digits (a CLIP's tokenizer may not read a bare numeral).
 """
 
 from __future__ import annotations
@@ -51,34 +55,47 @@ def synthetic_source(names: Iterable[str] | None = None, root: Any = None, n_tra
                    description="digit archives <name>.npz (MNIST, USPS, MNIST-M, ...) in --root or $IPSHIELD_DIGITS")
 def digits_source(names: Iterable[str] | None = None, root: Any = None, size: int = 32, n_train: int | None = None,
                   n_test: int | None = None) -> dict[str, Domain]:
-    from ipshield.data.digits import load_digits
+    from ipshield.data.digits import DIGIT_DOMAINS, available_digits, load_digits
 
+    if names is None:  # every archive of the folder, the three known ones first in their usual order
+        found = available_digits(root)
+        names = [d for d in DIGIT_DOMAINS if d in found] + [d for d in found if d not in DIGIT_DOMAINS] or None
     return load_digits(names, root=root, size=size, n_train=n_train, n_test=n_test)
 
 
 @DATASETS.register("folder", domains=_folder_domains,
                    description="image folders ROOT/<domain>/<class>/<image>")
 def folder_source(names: Iterable[str] | None = None, root: Any = None, test_fraction: float = 0.2, seed: int = 0,
-                  on_corrupt: str = "skip", verify: bool = True, extensions: Iterable[str] | None = None) -> dict[str, Domain]:
+                  on_corrupt: str = "skip", verify: bool = True, extensions: Iterable[str] | None = None,
+                  class_names: Any = None) -> dict[str, Domain]:
     from ipshield.data.folders import IMAGE_EXTENSIONS, load_image_folders
 
     return load_image_folders(root, names, test_fraction=test_fraction, seed=seed, on_corrupt=on_corrupt,
-                              extensions=tuple(extensions) if extensions else IMAGE_EXTENSIONS, verify=verify)
+                              extensions=tuple(extensions) if extensions else IMAGE_EXTENSIONS, verify=verify,
+                              class_names=class_names)
 
 
-def load_domains(source: str, names: Iterable[str] | str | None = None, **options: Any) -> dict[str, Domain]:
+def load_domains(source: str, names: Iterable[str] | str | None = None, class_names: Any = None,
+                 **options: Any) -> dict[str, Domain]:
     """Load the domains ``names`` (all of the source's domains when None; a comma-separated string
-    is accepted) from the registered ``source``. Options left as None use the loader's default."""
+    is accepted) from the registered ``source``. Options left as None use the loader's default.
+    ``class_names`` (any source): a class-name map (``"0=zero,1=one"``, a YAML / JSON file or a
+    mapping; see ``ipshield.data.classnames``) renaming the classes after loading."""
+    from ipshield.data.classnames import parse_class_names, rename_classes
+
     loader: Callable[..., dict[str, Domain]] = DATASETS.get(source).load
     if isinstance(names, str):
         names = [n.strip() for n in names.split(",") if n.strip()] or None
     params = inspect.signature(loader).parameters
     unknown = sorted(k for k in options if k not in params)
     if unknown:
-        accepted = [k for k in params if k != "names"]
+        accepted = [k for k in params if k != "names"] + ([] if "class_names" in params else ["class_names"])
         raise DataError(f"data source '{source}' has no option(s) {unknown}", f"its options are: {', '.join(accepted)}")
     kwargs = {k: v for k, v in options.items() if v is not None}
-    return loader(names, **kwargs)
+    if "class_names" in params:  # the source applies the map itself (the folder source: also its root file)
+        return loader(names, class_names=class_names, **kwargs)
+    mapping = parse_class_names(class_names)  # read before loading: a bad map fails fast
+    return rename_classes(loader(names, **kwargs), mapping)
 
 
 def source_domains(source: str, **options: Any) -> list[str]:

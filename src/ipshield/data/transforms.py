@@ -4,8 +4,9 @@ torchvision). A single image ``[3, H, W]`` is accepted too and returned in the s
 Every random transform takes an optional ``torch.Generator``; with a seeded generator the result is
 deterministic. Inputs are never modified in place.
 
-- geometry: ``resize`` (bilinear, anti-aliased), ``center_crop``, ``random_resized_crop``,
-  ``random_hflip``; ``normalize``;
+- geometry: ``resize`` and ``resize_crop`` (THE resize of every image on its way to a model:
+  bicubic, anti-aliased when shrinking, clamped; see docs/data.md), ``center_crop``,
+  ``random_resized_crop``, ``random_hflip``; ``normalize``;
 - the two transforms of the IP-CLIP scenarios (spec ip-clip.md): ``grid_watermark`` (every pixel
   whose row or column index is even set to white) and ``strong_augment`` / ``RandAugment``
   (10 ops, each applied with p 0.5 at a random magnitude 1..10, plus cutout).
@@ -41,14 +42,41 @@ def _rand(n: int, generator: torch.Generator | None, device: torch.device) -> to
 
 
 # --------------------------------------------------------------------------- geometry
+def _interpolate(xb: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """The one resampling of ipshield: bicubic (a = -0.75, torch's), anti-aliased when either side
+    shrinks, clamped to [0, 1]. It is what CLIP's own preprocessing does (OpenAI's and Hugging
+    Face's resample=3) and what the small CLIP was pretrained on."""
+    shrink = h < xb.shape[-2] or w < xb.shape[-1]
+    return F.interpolate(xb, size=(h, w), mode="bicubic", align_corners=False, antialias=shrink).clamp(0.0, 1.0)
+
+
 def resize(x: torch.Tensor, size: Size) -> torch.Tensor:
-    """Bilinear resize (anti-aliased when shrinking) to ``size`` (int: square, or (H, W))."""
+    """Resize to ``size`` (int: square, or (H, W); the aspect ratio is not kept) with the one
+    resampling of ipshield: bicubic, anti-aliased when shrinking, clamped to [0, 1]."""
     xb, single = _batch(x)
     h, w = _pair(size)
-    if xb.shape[-2:] == (h, w):
+    out = xb.clone() if xb.shape[-2:] == (h, w) else _interpolate(xb, h, w)
+    return out[0] if single else out
+
+
+def resize_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """Images of any size -> ``size`` x ``size``: the shorter side resized to ``size`` (bicubic,
+    anti-aliased when shrinking, clamped; the aspect ratio kept), then the centre crop: CLIP's
+    ``Resize(size) + CenterCrop(size)``. Every path that hands images to a model goes through this
+    function (``ImageSplit.to_tensor(size)`` and ``CLIPAdapter.preprocess``), so identical pixels
+    give identical model inputs whether they come from an array, an archive or image files.
+    Differentiable; an image already ``size`` x ``size`` is returned unchanged (a copy)."""
+    xb, single = _batch(x)
+    s = int(size)
+    h, w = xb.shape[-2:]
+    if (h, w) == (s, s):
         out = xb.clone()
     else:
-        out = F.interpolate(xb, size=(h, w), mode="bilinear", antialias=True, align_corners=False).clamp_(0, 1)
+        scale = s / min(h, w)
+        nh, nw = max(s, round(h * scale)), max(s, round(w * scale))
+        out = _interpolate(xb, nh, nw)
+        top, left = (nh - s) // 2, (nw - s) // 2
+        out = out[..., top:top + s, left:left + s]
     return out[0] if single else out
 
 

@@ -6,7 +6,12 @@
   **inputs)`` and, with ``out``, writes the run folder (``config.yaml``, ``metrics.json`` = the
   JSON-able part of the result, ``run.json``; an attacked classifier goes to ``out/model``).
 - :func:`cost_to_break`: the ``finetune`` attack at several budgets ``k`` and, optionally, ``shot``,
-  on one unauthorized domain (``ipshield attack finetune``).
+  on one unauthorized domain (``ipshield attack finetune``), with the honest references: the same
+  architecture trained from scratch on the same k images with the same steps (``scratch_k<k>``,
+  and the protection margin ``margin_k<k>`` = fine-tuned - from scratch) and, given the
+  unprotected model (``reference=``), the same attacks on it (``unprotected_*``).
+- the whole attack suite with its references: ``ipshield.attacks.robust`` (the benchmark's
+  ``digits-robust`` suite).
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from ipshield.runs import open_run, run_guard
 #: what the usual inputs of an attack are, for the error that names a missing one
 _INPUT_HELP = {
     "domain": "the attacker's data: a Domain of ipshield.data.load_domains",
+    "authorized": "the attacker's share of the authorized (source-domain) images: a Domain of ipshield.data.load_domains",
     "public": "public image-caption pairs: a ReferenceSample (ipshield.watermark.base.reference_from_synthetic)",
     "arch_dir": "the CLIP folder whose architecture and tokenizer the student uses",
 }
@@ -131,23 +137,44 @@ def cost_to_break_configs(ks: Sequence[int], shot: bool, overrides: Sequence[str
 def cost_to_break(model: Any, domain: Any, *, ks: Sequence[int] = (10, 100, 1000), shot: bool = True,
                   out: str | Path | None = None, overrides: Sequence[str] | None = None,
                   shot_overrides: Sequence[str] | None = None, seed: int = 0, n_test: int | None = None,
-                  config: Mapping[str, Any] | None = None, overwrite: bool = False) -> dict[str, Any]:
+                  config: Mapping[str, Any] | None = None, overwrite: bool = False, scratch: bool = True,
+                  reference: Any = None) -> dict[str, Any]:
     """Unauthorized accuracy (percent) recovered from the classifier ``model`` on ``domain`` by the
     ``finetune`` attack with each ``k`` labelled images and (``shot``) by ``shot``; the finetune
     config from ``config`` (a mapping) and ``overrides``, SHOT's from ``shot_overrides`` (``key=value``). A k larger than the
     domain's training images is skipped (``None``, and listed under ``skipped``). With ``out``,
-    a run folder (``metrics.json`` = the result)."""
+    a run folder (``metrics.json`` = the result). ``scratch``: add the from-scratch reference and
+    the margin per k; ``reference``: the unprotected classifier, attacked the same way
+    (``unprotected_finetune_k<k>``, ``unprotected_shot``)."""
     from ipshield.attacks.domain import check_target
     from ipshield.attacks.domain import cost_to_break as _cost_to_break
 
     ks = [int(k) for k in ks]
     finetune, shot_options = cost_to_break_configs(ks, shot, overrides, shot_overrides, config)
     check_target("finetune", "classifier", model)
-    config = {"ks": ks, "shot": shot, "seed": seed, "n_test": n_test, "finetune": finetune, "shot_options": shot_options}
+    if reference is not None:
+        check_target("finetune", "classifier", reference)
+    config = {"ks": ks, "shot": shot, "seed": seed, "n_test": n_test, "finetune": finetune, "shot_options": shot_options,
+              "scratch": scratch, "reference": reference is not None}
 
     def compute() -> dict[str, Any]:
+        from ipshield.attacks.domain import FinetuneAttackConfig, scratch_attack
+
         r = _cost_to_break(model, domain, tuple(ks), shot=shot, finetune=finetune, shot_options=shot_options,
                            seed=seed, n_test=n_test)
+        if reference is not None:
+            u = _cost_to_break(reference, domain, tuple(ks), shot=shot, finetune=finetune, shot_options=shot_options,
+                               seed=seed, n_test=n_test)
+            r.update({f"unprotected_{k}": v for k, v in u.items() if k != "domain" and not isinstance(v, dict)})
+        if scratch:
+            for k in ks:
+                if r.get(f"finetune_k{k}") is None:
+                    continue
+                cfg = FinetuneAttackConfig.build({**finetune, "k": k, "seed": seed, "n_test": n_test})
+                r[f"scratch_k{k}"] = scratch_attack(model, domain, cfg)["acc_after"]
+                r[f"margin_k{k}"] = r[f"finetune_k{k}"] - r[f"scratch_k{k}"]
+            if shot:
+                r["chance"] = 100.0 / max(1, len(domain.classes))
         skipped = [k for k in ks if r.get(f"finetune_k{k}") is None]
         if skipped:
             r["skipped"] = {"k": skipped, "reason": f"more than the {len(domain.train)} training images of '{domain.name}'"}

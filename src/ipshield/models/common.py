@@ -139,22 +139,19 @@ class CLIPAdapter(nn.Module):
 
     def preprocess(self, x: torch.Tensor) -> torch.Tensor:
         """Float images [B, 3, H, W] in [0, 1] -> normalised pixels [B, 3, S, S] for the vision
-        tower (S = ``image_size``): shorter side resized to S (bicubic, antialiased, clamped to
-        [0, 1]), centre crop, then (x - mean) / std. Differentiable."""
+        tower (S = ``image_size``): ``ipshield.data.transforms.resize_crop`` (shorter side resized
+        to S, bicubic, anti-aliased when shrinking, clamped to [0, 1]; centre crop), the same
+        function ``ImageSplit.to_tensor(S)`` uses, then (x - mean) / std. Differentiable."""
+        from ipshield.data.transforms import resize_crop
+
         if x.ndim == 3:
             x = x[None]
         if x.ndim != 4 or x.shape[1] != 3:
             raise IPShieldError(f"images must be [B, 3, H, W], got {tuple(x.shape)}", "pass RGB batches in [0, 1]")
         x = x.to(device=self.device, dtype=torch.float32)
         s = self.image_size
-        h, w = x.shape[-2:]
-        if (h, w) != (s, s):
-            scale = s / min(h, w)
-            nh, nw = max(s, round(h * scale)), max(s, round(w * scale))
-            x = F.interpolate(x, size=(nh, nw), mode="bicubic", align_corners=False, antialias=nh < h or nw < w)
-            x = x.clamp(0.0, 1.0)
-            top, left = (nh - s) // 2, (nw - s) // 2
-            x = x[..., top:top + s, left:left + s]
+        if tuple(x.shape[-2:]) != (s, s):
+            x = resize_crop(x, s)
         return ((x - self._mean) / self._std).to(self.dtype)
 
     def encode_image(self, pixels: torch.Tensor, normalize: bool = True) -> torch.Tensor:
@@ -232,6 +229,27 @@ class CLIPAdapter(nn.Module):
         out = self.tokenizer(list(texts), padding="max_length", max_length=self.context_length, truncation=True,
                              return_tensors="pt")
         return out["input_ids"].long().to(self.device)
+
+    def unknown_tokens(self, text: str) -> tuple[int, list[str]]:
+        """(the number of tokens of ``text``, BOS / EOS left out; the pieces of ``text`` the
+        tokenizer maps to its unknown token). A word-level vocabulary (the small CLIP's) maps every
+        word it has not seen to the unknown token; a tokenizer without one (CLIP's byte-level BPE
+        reads any text; open_clip's) gives ``(n, [])``, or ``(0, [])`` when it cannot be asked."""
+        tok = self.tokenizer
+        if getattr(tok, "unk_token_id", None) is None:  # open_clip's HFTokenizer wraps a transformers one
+            tok = getattr(tok, "tokenizer", tok)
+        unk = getattr(tok, "unk_token_id", None)
+        if unk is None or not callable(tok):
+            return 0, []
+        fast = bool(getattr(tok, "is_fast", False))
+        try:
+            enc = tok(text, add_special_tokens=False, return_offsets_mapping=fast)
+        except Exception:  # noqa: BLE001 (a tokenizer that cannot be asked this way: no verdict)
+            return 0, []
+        ids = list(enc["input_ids"])
+        spans = list(enc["offset_mapping"]) if fast else [None] * len(ids)
+        pieces = [text[s[0]:s[1]] if s is not None else "<unk>" for i, s in zip(ids, spans) if i == unk]
+        return len(ids), pieces
 
     def token_embedding(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Token embeddings [N, T, text_width] (no position embedding)."""

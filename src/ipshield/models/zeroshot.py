@@ -5,10 +5,21 @@ With several templates the normalised text features of a class are averaged and 
 
 The registered ``zero-shot`` method, its config and its run folder live in the protection layer
 (``protect/zeroshot.py``), which re-exports the names of this module.
+
+Class names the CLIP cannot read are refused here, in the one place every CLIP command passes
+before it trains or evaluates anything (``ipshield zero-shot``; ``ipshield protect`` of a CLIP
+method, whose zero-shot reference is built first): :func:`check_class_names`. A class name whose
+tokens are wholly or mostly the tokenizer's unknown token (a bare numeral for the small CLIP's
+word-level vocabulary, ``back_pack`` for a vocabulary of digit words) gives every such class the
+same text feature, and the accuracy falls silently to chance. The fix is a class-name map
+(``--class-names 0=zero,1=one,...``, ``class_names=`` of the data sources). Setting
+``IPSHIELD_ALLOW_UNKNOWN_CLASS_NAMES=1`` turns the refusal into a warning.
 """
 
 from __future__ import annotations
 
+import os
+import warnings
 from typing import Mapping, Sequence
 
 import torch
@@ -44,6 +55,64 @@ class ZeroShotTemplates(BaseConfig):
         return v
 
 
+#: set to 1 to be warned, not refused, when class names are unknown to the CLIP's tokenizer
+ALLOW_UNKNOWN_ENV = "IPSHIELD_ALLOW_UNKNOWN_CLASS_NAMES"
+
+_NUMBER_WORDS = ("zero one two three four five six seven eight nine ten eleven twelve thirteen fourteen "
+                 "fifteen sixteen seventeen eighteen nineteen twenty").split()
+
+
+def unreadable_class_names(adapter, classes: Sequence[str]) -> dict[str, list[str]]:
+    """``{class name: its unknown pieces}`` for every class whose name (``_`` read as a space, as
+    in the prompts) the adapter's tokenizer maps wholly or mostly (more than half of its tokens) to
+    its unknown token. Empty for tokenizers that read any text (CLIP's byte-level BPE)."""
+    ask = getattr(adapter, "unknown_tokens", None)
+    if ask is None:
+        return {}
+    out = {}
+    for c in classes:
+        n, unknown = ask(str(c).replace("_", " "))
+        if n and 2 * len(unknown) > n:
+            out[str(c)] = unknown
+    return out
+
+
+def class_names_fix(names: Sequence[str]) -> str:
+    """The suggested ``--class-names`` value for ``names`` (number words for bare numerals)."""
+    pairs = []
+    for c in names:
+        s = str(c).strip()
+        word = _NUMBER_WORDS[int(s)] if s.isdigit() and int(s) < len(_NUMBER_WORDS) else "WORD"
+        pairs.append(f"{s}={word}")
+    return ",".join(pairs)
+
+
+def check_class_names(adapter, classes: Sequence[str]) -> None:
+    """Refuse (``DataError``) class names the CLIP's tokenizer cannot read (see
+    :func:`unreadable_class_names`), naming them and the fix; a loud warning instead when
+    ``IPSHIELD_ALLOW_UNKNOWN_CLASS_NAMES=1``."""
+    bad = unreadable_class_names(adapter, classes)
+    if not bad:
+        return
+    shown = ", ".join(repr(c) for c in list(bad)[:12]) + (" ..." if len(bad) > 12 else "")
+    numerals = all(c.strip().isdigit() for c in bad)
+    model = getattr(adapter, "path", None)
+    problem = (f"{len(bad)} of {len(classes)} class names are unknown words to the CLIP's tokenizer"
+               f"{f' ({model})' if model else ''}: {shown}"
+               + (" (bare numerals: its vocabulary has no numerals)" if numerals else "")
+               + "; the CLIP reads them as its unknown token, cannot tell these classes apart by name, and its "
+                 "accuracy on them would be at chance")
+    example = class_names_fix(list(bad)[:10] if numerals else list(bad)[:3])
+    fix = (f"name the classes in words with a class-name map: --class-names {example}"
+           + ("" if numerals else " (WORD: a word the model knows)")
+           + " (or a YAML / JSON file FOLDER: NAME; class_names= in Python; or a class_names.yaml in the "
+           f"folder dataset's root); set {ALLOW_UNKNOWN_ENV}=1 to run anyway")
+    if os.environ.get(ALLOW_UNKNOWN_ENV, "").strip() in ("1", "true", "yes"):
+        warnings.warn(f"{problem}. Fix: {fix}", UserWarning, stacklevel=3)
+        return
+    raise DataError(problem, fix)
+
+
 def fill_template(template: str, name: str) -> str:
     return template.replace("{class}", name) if "{class}" in template else template.format(name)
 
@@ -57,6 +126,7 @@ class ZeroShotClassifier(torch.nn.Module):
             raise DataError("zero-shot classification needs at least one class name", "pass the domain's classes")
         self.adapter = adapter
         self.classes = list(classes)
+        check_class_names(adapter, self.classes)
         self.templates = list(templates) if templates else [DEFAULT_TEMPLATE]
         ZeroShotTemplates(templates=self.templates)  # validates the placeholders
         self.register_buffer("text_features", self._class_features(), persistent=False)
@@ -97,4 +167,5 @@ def evaluate_zero_shot(adapter, domains: Mapping[str, Domain], templates: Sequen
     return accuracy_by_domain(clf, domains, batch_size=batch_size, size=size)
 
 
-__all__ = ["DEFAULT_TEMPLATE", "ZeroShotTemplates", "fill_template", "ZeroShotClassifier", "evaluate_zero_shot"]
+__all__ = ["DEFAULT_TEMPLATE", "ZeroShotTemplates", "fill_template", "ZeroShotClassifier", "evaluate_zero_shot",
+           "ALLOW_UNKNOWN_ENV", "unreadable_class_names", "class_names_fix", "check_class_names"]

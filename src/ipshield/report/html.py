@@ -560,4 +560,15 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, watermark_r
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text(render_html(data, wm, str(watermark_run) if watermark_run else None), encoding="utf-8")
     tmp.replace(out)
+    write_robust_reports(run_dir)
     return out
+
+
+def write_robust_reports(run_dir: str | Path) -> list[Path]:
+    """robust.html (accuracy against k with the references, radar charts) next to every attack-suite
+    result (robust.json) of a benchmark folder: the folder itself and its shared cells."""
+    from ipshield.report.tables import write_robust_report
+
+    run_dir = Path(run_dir)
+    found = [p for p in [run_dir / "robust.json", *sorted(run_dir.glob("shared/*/robust.json"))] if p.is_file()]
+    return [write_robust_report(p.parent) for p in found]
