@@ -363,3 +363,39 @@ def test_cli_pretrain_and_zero_shot(tmp_path, small_clip_dir):
     with pytest.raises(SystemExit) as exit_:
         main(["pretrain", "--out", str(tmp_path / "bad"), "--preset", "test", "stepz=4"])
     assert exit_.value.code == 2
+
+
+def test_pretraining_with_two_workers_gives_bitwise_the_same_weights(tmp_path):
+    """The two-tower threaded step (``workers=2``) is a speed-up only: the weights equal the
+    one-thread loop's bit for bit, so cached models stay valid (docs/models.md, pretraining speed)."""
+    from safetensors.torch import load_file
+
+    from ipshield.models.tiny_clip import config_hash, pretrain, preset_config
+
+    over = ["steps=6", "n_per_domain=20", "domains=[clean,noisy]", "warmup_steps=2"]
+    one = pretrain(preset_config("test", over + ["workers=1"]), tmp_path / "one", show_progress=False, evaluate=False)
+    two = pretrain(preset_config("test", over + ["workers=2"]), tmp_path / "two", show_progress=False, evaluate=False)
+    a, b = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), "workers=2 changed the weights"
+    assert json.loads((two / "pretrain.json").read_text())["workers"] == 2
+    assert config_hash(preset_config("test", over + ["workers=1"])) == config_hash(preset_config("test", over + ["workers=2"]))
+
+
+def test_demo_pretrains_the_innocent_model_in_a_background_process(tmp_path, monkeypatch):
+    """``ipshield demo`` on an empty cache pretrains the watermark part's innocent model in a child
+    process alongside the small CLIP; afterwards the cache holds it and ``small_clip`` returns at once."""
+    from rich.console import Console
+
+    from ipshield import demo
+    from ipshield.models import tiny_clip
+
+    monkeypatch.setenv("IPSHIELD_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(tiny_clip, "usable_cores", lambda: 2)
+    over = ["steps=4", "n_per_domain=20", "domains=[clean]", "warmup_steps=1", "eval_n_test=10"]
+    log = tmp_path / "innocent.log"
+    proc = demo._pretrain_in_background("test", over, log, Console(file=open(tmp_path / "console.txt", "w")))
+    assert proc is not None and proc.wait(timeout=300) == 0, log.read_text()
+    assert tiny_clip.is_cached("test", over)
+    assert demo._pretrain_in_background("test", over, log, Console(file=open(tmp_path / "c2.txt", "w"))) is None
+    assert json.loads((tiny_clip.small_clip("test", over) / "pretrain.json").read_text())["workers"] == 1

@@ -178,11 +178,16 @@ class PretrainConfig(BaseConfig):
     # evaluation at the end (zero-shot on the test splits)
     eval_templates: list[str] = Field(default_factory=lambda: list(DEFAULT_TEMPLATES))
     eval_n_test: int = Field(500, ge=1)
-    # machine
-    threads: int | None = Field(1, ge=1, description="torch threads during pretraining (None: torch's default); "
+    # machine (neither changes the weights)
+    threads: int | None = Field(1, ge=1, description="torch threads per worker (None: torch's default); "
                                                      "1 by default: these small matrices gain little from more "
-                                                     "threads, and on a busy machine extra threads spin and "
+                                                     "threads, and on a busy machine extra OpenMP threads spin and "
                                                      "slow it down 10x or more (docs/models.md)")
+    workers: int | None = Field(None, ge=1, description="Python threads of a step (each with `threads` torch "
+                                                        "threads): 2 run the image and the text tower side by "
+                                                        "side and make the next batch meanwhile; 1 runs "
+                                                        "everything in turn. None: 2 when 2 cores are usable. "
+                                                        "The weights are bitwise the same either way")
 
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -228,6 +233,7 @@ def config_hash(config: PretrainConfig) -> str:
     digits, _ = _resolve_digits(config)
     data = config.to_dict()
     data.pop("threads", None)
+    data.pop("workers", None)
     data.pop("digits_root", None)
     data["_digits_used"] = digits
     data["_recipe"] = RECIPE_VERSION
@@ -253,15 +259,27 @@ class _Pool:
         return len(self.labels)
 
 
-def _load_pools(config: PretrainConfig) -> list[_Pool]:
+def _load_pools(config: PretrainConfig, workers: int = 1) -> list[_Pool]:
+    """The training pools; with ``workers`` > 1 the synthetic styles are rendered on that many
+    threads (each style from its own seeded generator: the same arrays as one after another)."""
     import numpy as np
 
     from ipshield.data.synthetic import STYLES, load_synthetic
 
     styles = config.domains or list(STYLES)
     pools = []
-    synth = load_synthetic(styles, n_train=config.n_per_domain, n_test=0, seed=config.data_seed,
-                           size=config.data_size)
+
+    def render(names):
+        return load_synthetic(names, n_train=config.n_per_domain, n_test=0, seed=config.data_seed,
+                              size=config.data_size)
+
+    if workers > 1 and len(styles) > 1:
+        import torch
+
+        with _Workers(min(workers, len(styles)), torch.get_num_threads()) as pool:
+            synth = {k: v for part in pool.map(render, [[s] for s in styles]) for k, v in part.items()}
+    else:
+        synth = render(styles)
     for name, dom in synth.items():
         table = dom.meta.get("train_attrs", {})
         attrs = [{k: v[i] for k, v in table.items()} for i in range(len(dom.train))] if table else None
@@ -351,6 +369,182 @@ def _torch_threads(n: int | None):
         torch.set_num_threads(before)
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def resolve_workers(config: PretrainConfig) -> int:
+    """The threads of a training step: ``workers``, else 2 when 2 cores are usable (there are two
+    towers; more threads have nothing to do)."""
+    return max(1, min(config.workers or usable_cores(), 2))
+
+
+def _batches(config: PretrainConfig, pools: list[_Pool], tokenizer, g):
+    """The training batches in step order: (pixels [B, 3, S, S] normalised, labels [B], token ids [B, T]).
+
+    The draws: a domain per image (numpy, seed ``seed``), an image of it, a fresh caption
+    (``random.Random(seed)``), the augmentation (torch generator ``g``)."""
+    import random as _random
+
+    import numpy as np
+    import torch
+
+    mean = torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1)
+    std = torch.tensor(PIXEL_STD).view(1, 3, 1, 1)
+    weights = np.array([config.digit_weight if p.style not in _synthetic_styles() else 1.0 for p in pools])
+    weights = weights / weights.sum()
+    rng = np.random.default_rng(config.seed)
+    cap_rng = _random.Random(config.seed)
+    for _ in range(config.steps):
+        which = rng.choice(len(pools), size=config.batch_size, p=weights)
+        imgs, labels, texts = [], [], []
+        for k in np.unique(which):
+            pool = pools[k]
+            m = int((which == k).sum())
+            idx = rng.integers(0, len(pool), size=m)
+            imgs.append(pool.images[torch.from_numpy(idx)])
+            for j in idx:
+                lab = int(pool.labels[j])
+                labels.append(lab)
+                texts.append(caption_for(pool.style, lab, cap_rng, pool.attrs[j] if pool.attrs else None))
+        x = torch.cat(imgs).float().div_(255.0)
+        if config.augment:
+            x = _augment(x, g, config.aug_scale, config.aug_shift, config.aug_rotate)
+        if x.shape[-1] != config.image_size:  # the same resize as CLIPAdapter.preprocess
+            x = torch.nn.functional.interpolate(x, size=(config.image_size, config.image_size), mode="bicubic",
+                                                align_corners=False, antialias=x.shape[-1] > config.image_size)
+            x = x.clamp_(0.0, 1.0)
+        x = (x - mean) / std
+        y = torch.tensor(labels)
+        enc = tokenizer.encode_batch(texts)
+        ids = torch.tensor([e.ids for e in enc])
+        yield x, y, ids
+
+
+def _image_features(model, pixels):
+    import torch
+
+    out = model.get_image_features(pixel_values=pixels)
+    return out if isinstance(out, torch.Tensor) else out.pooler_output  # transformers 5 returns an output object
+
+
+def _text_features(model, ids):
+    import torch
+
+    out = model.get_text_features(input_ids=ids)
+    return out if isinstance(out, torch.Tensor) else out.pooler_output
+
+
+def _step_loss(model, x, ids, y, own_weight: float, pool: "_Workers"):
+    """The loss of one batch with the gradients of every parameter filled in (``.grad``).
+
+    One worker: the whole graph at once. Two: the image tower on one thread and the text tower on
+    the other, the loss on the detached features (its backward gives the features' gradients and
+    the temperature's), then each tower's backward on its thread. The towers share no parameter and
+    every parameter gets exactly one gradient contribution, so each operation sees the same inputs
+    as in the single graph: the weights come out bitwise the same."""
+    import torch.nn.functional as F
+
+    if not pool.parallel:
+        img_f, txt_f = _image_features(model, x), _text_features(model, ids)
+        loss = multi_positive_contrastive_loss(F.normalize(img_f, dim=-1), F.normalize(txt_f, dim=-1), y,
+                                               model.logit_scale, own_weight=own_weight)
+        loss.backward()
+        return loss
+    # the image tower (about 3/4 of the work) first: the calling thread takes it
+    img_f, txt_f = pool.map(lambda f: f(), [lambda: _image_features(model, x), lambda: _text_features(model, ids)])
+    img, txt = img_f.detach().requires_grad_(), txt_f.detach().requires_grad_()
+    loss = multi_positive_contrastive_loss(F.normalize(img, dim=-1), F.normalize(txt, dim=-1), y, model.logit_scale,
+                                           own_weight=own_weight)
+    loss.backward()  # fills img.grad, txt.grad and logit_scale.grad
+    pool.map(lambda f: f(), [lambda: img_f.backward(img.grad), lambda: txt_f.backward(txt.grad)])
+    return loss
+
+
+class _Workers:
+    """Runs the parts of a step on up to ``n`` Python threads (torch ops release the GIL; each
+    thread uses ``threads`` torch threads and waits by blocking, so a busy machine costs no
+    spinning) and, with more than one, makes the next batch on a thread of its own. ``n == 1``:
+    everything inline, in order."""
+
+    def __init__(self, n: int, threads: int):
+        self.n = n
+        self.threads = threads
+        self._pool = self._data = None
+
+    def _init_thread(self):
+        import torch
+
+        torch.set_num_threads(self.threads)
+
+    def __enter__(self):
+        if self.n > 1:
+            from concurrent.futures import ThreadPoolExecutor
+
+            self._pool = ThreadPoolExecutor(self.n - 1, thread_name_prefix="ipshield-tower",
+                                            initializer=self._init_thread)
+            self._data = ThreadPoolExecutor(1, thread_name_prefix="ipshield-batch", initializer=self._init_thread)
+        return self
+
+    @property
+    def parallel(self) -> bool:
+        return self._pool is not None
+
+    def __exit__(self, *exc):
+        for ex in (self._pool, self._data):
+            if ex is not None:
+                ex.shutdown(wait=True, cancel_futures=True)
+        return False
+
+    def map(self, fn, items) -> list:
+        """``[fn(i) for i in items]``, in that order. The calling thread and the pool's threads take
+        the next item as they become free, so a thread slowed by other jobs on its core does fewer."""
+        items = list(items)
+        if self._pool is None or len(items) < 2:
+            return [fn(i) for i in items]
+        import itertools
+        import threading
+
+        results: list = [None] * len(items)
+        order, lock = itertools.count(), threading.Lock()
+
+        def drain():
+            while True:
+                with lock:
+                    k = next(order)
+                if k >= len(items):
+                    return
+                results[k] = fn(items[k])
+
+        futures = [self._pool.submit(drain) for _ in range(min(self.n - 1, len(items) - 1))]
+        try:
+            drain()
+        finally:
+            for f in futures:
+                f.exception()  # wait for the helpers (their errors are raised below)
+        for f in futures:
+            f.result()
+        return results
+
+    def prefetch(self, iterator):
+        """``iterator``'s items, the next one made while the caller works on the current one."""
+        if self._data is None:
+            yield from iterator
+            return
+        end = object()
+        future = self._data.submit(next, iterator, end)
+        while True:
+            item = future.result()
+            if item is end:
+                return
+            future = self._data.submit(next, iterator, end)
+            yield item
+
+
 # --------------------------------------------------------------------------- pretraining
 def pretrain(config: PretrainConfig | None = None, out_dir: str | Path = "small_clip", *, show_progress: bool = True,
              evaluate: bool = True) -> Path:
@@ -373,7 +567,8 @@ def pretrain(config: PretrainConfig | None = None, out_dir: str | Path = "small_
     t_start = time.perf_counter()
     with _torch_threads(config.threads):
         g = seed_everything(config.seed)
-        pools = _load_pools(config)
+        workers = resolve_workers(config)
+        pools = _load_pools(config, workers)
         t_data = time.perf_counter() - t_start
         tokenizer = build_tokenizer(_vocabulary(pools, config.eval_templates))
         tokenizer.enable_truncation(config.context_length)
@@ -391,63 +586,30 @@ def pretrain(config: PretrainConfig | None = None, out_dir: str | Path = "small_
         no_decay = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embedding" not in n)]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": config.weight_decay},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=config.lr, betas=(0.9, 0.98), eps=1e-6)
-        mean = torch.tensor(PIXEL_MEAN).view(1, 3, 1, 1)
-        std = torch.tensor(PIXEL_STD).view(1, 3, 1, 1)
-        weights = np.array([config.digit_weight if p.style not in _synthetic_styles() else 1.0 for p in pools])
-        weights = weights / weights.sum()
-        rng = np.random.default_rng(config.seed)
-        import random as _random
-
-        cap_rng = _random.Random(config.seed)
         losses: list[float] = []
         t_train = time.perf_counter()
         cpu_train = time.process_time()
         bar = progress(range(config.steps), desc="pretraining the small CLIP", enabled=show_progress)
-        for step in bar:
-            for group in opt.param_groups:
-                group["lr"] = lr_at(step, config)
-            which = rng.choice(len(pools), size=config.batch_size, p=weights)
-            imgs, labels, texts = [], [], []
-            for k in np.unique(which):
-                pool = pools[k]
-                m = int((which == k).sum())
-                idx = rng.integers(0, len(pool), size=m)
-                imgs.append(pool.images[torch.from_numpy(idx)])
-                for j in idx:
-                    lab = int(pool.labels[j])
-                    labels.append(lab)
-                    texts.append(caption_for(pool.style, lab, cap_rng, pool.attrs[j] if pool.attrs else None))
-            x = torch.cat(imgs).float().div_(255.0)
-            if config.augment:
-                x = _augment(x, g, config.aug_scale, config.aug_shift, config.aug_rotate)
-            if x.shape[-1] != config.image_size:  # the same resize as CLIPAdapter.preprocess
-                x = torch.nn.functional.interpolate(x, size=(config.image_size, config.image_size), mode="bicubic",
-                                                    align_corners=False, antialias=x.shape[-1] > config.image_size)
-                x = x.clamp_(0.0, 1.0)
-            x = (x - mean) / std
-            y = torch.tensor(labels)
-            enc = tokenizer.encode_batch(texts)
-            ids = torch.tensor([e.ids for e in enc])
-            img_f = model.get_image_features(pixel_values=x)
-            txt_f = model.get_text_features(input_ids=ids)
-            img_f = img_f if isinstance(img_f, torch.Tensor) else img_f.pooler_output
-            txt_f = txt_f if isinstance(txt_f, torch.Tensor) else txt_f.pooler_output
-            loss = multi_positive_contrastive_loss(torch.nn.functional.normalize(img_f, dim=-1),
-                                                   torch.nn.functional.normalize(txt_f, dim=-1), y, model.logit_scale,
-                                                   own_weight=config.own_caption_weight)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if config.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            opt.step()
-            with torch.no_grad():
-                model.logit_scale.clamp_(0, math.log(100.0))
-            losses.append(float(loss.detach()))
-            if hasattr(bar, "set_postfix") and step % 20 == 0:
-                bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
-            if os.environ.get("IPSHIELD_PRETRAIN_LOG") and (step % 25 == 0 or step == config.steps - 1):
-                print(f"step {step} loss {np.mean(losses[-25:]):.4f} lr {lr_at(step, config):.2e} "
-                      f"scale {model.logit_scale.exp().item():.1f} {time.perf_counter() - t_train:.1f}s", flush=True)
+        with _Workers(workers, torch.get_num_threads()) as pool:
+            # with two workers the batches are made one step ahead on a thread of their own (the same
+            # draws in the same order: only this stream uses the data generators)
+            batches = pool.prefetch(_batches(config, pools, tokenizer, g))
+            for step, (x, y, ids) in zip(bar, batches):
+                for group in opt.param_groups:
+                    group["lr"] = lr_at(step, config)
+                opt.zero_grad(set_to_none=True)
+                loss = _step_loss(model, x, ids, y, config.own_caption_weight, pool)
+                if config.grad_clip:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                opt.step()
+                with torch.no_grad():
+                    model.logit_scale.clamp_(0, math.log(100.0))
+                losses.append(float(loss.detach()))
+                if hasattr(bar, "set_postfix") and step % 20 == 0:
+                    bar.set_postfix(loss=f"{np.mean(losses[-20:]):.3f}")
+                if os.environ.get("IPSHIELD_PRETRAIN_LOG") and (step % 25 == 0 or step == config.steps - 1):
+                    print(f"step {step} loss {np.mean(losses[-25:]):.4f} lr {lr_at(step, config):.2e} "
+                          f"scale {model.logit_scale.exp().item():.1f} {time.perf_counter() - t_train:.1f}s", flush=True)
         train_s = time.perf_counter() - t_train
         train_cpu = time.process_time() - cpu_train  # CPU time: what an idle core would need (contention-free)
         model.eval()
@@ -467,7 +629,9 @@ def pretrain(config: PretrainConfig | None = None, out_dir: str | Path = "small_
             "train_images": {p.name: len(p) for p in pools},
             "data_seconds": round(t_data, 2), "train_seconds": round(train_s, 2),
             "train_cpu_seconds": round(train_cpu, 2),
-            "steps_per_second": round(config.steps / train_s, 3), "threads": torch.get_num_threads(),
+            "steps_per_second": round(config.steps / train_s, 3),
+            "cpu_seconds_per_step": round(train_cpu / config.steps, 4), "threads": torch.get_num_threads(),
+            "workers": workers,
             "final_loss": float(np.mean(losses[-50:])),
             "loss_curve": [round(float(np.mean(losses[i:i + 50])), 4) for i in range(0, len(losses), 50)],
         }
@@ -561,6 +725,11 @@ def small_clip_path(preset: str = "default", overrides: list[str] | None = None)
 
 def _is_complete(path: Path) -> bool:
     return all((path / f).is_file() for f in ("config.json", "model.safetensors", "tokenizer.json", "pretrain.json"))
+
+
+def is_cached(preset: str = "default", overrides: list[str] | None = None) -> bool:
+    """Whether ``small_clip(preset, overrides)`` would return at once (its cached folder is complete)."""
+    return _is_complete(small_clip_path(preset, overrides))
 
 
 def small_clip(preset: str = "default", overrides: list[str] | None = None, show_progress: bool = True) -> Path:
