@@ -39,6 +39,38 @@ def _prepare(model, source, root, domains, authorized, unauthorized, device):
     return doms, auth, unauth, adapter
 
 
+AuthorizeOpt = typer.Option(None, "--authorize",
+                             help="[ours] comma-separated domains authorized at deployment (a run trained with "
+                                  "--set switchable=true; default: the run's authorized domain)")
+
+
+def _reference_domains(run: Path, source: str, root, doms: dict, authorize: Optional[str]) -> dict:
+    """The authorized domain(s) of the verdict, loaded from the source when not among --domains
+    (only their test sets are used, for the verdict's AUROC and TAR)."""
+    from ipshield.protect.ipclip import WATERMARK_SUFFIX
+    from ipshield.protect.ipclip_run import HEAD_META
+
+    p = run / HEAD_META
+    if not p.is_file():
+        return {}
+    import json
+
+    auth = split_names(authorize) or json.loads(p.read_text()).get("authorized", [])
+    have = {d.lower() for d in doms}
+    want = [a.replace(WATERMARK_SUFFIX, "") for a in auth]
+    want = [w for w in dict.fromkeys(want) if w.lower() not in have]
+    if not want:
+        return {}
+    try:
+        return load_source(source, root, ",".join(want))
+    except Exception:  # not offered by this source: the verdict reports AUROC as unavailable
+        return {}
+
+
+def _fmt(v, spec: str = ".1f") -> str:
+    return "-" if v is None else format(v, spec)
+
+
 @app.command("evaluate")
 def evaluate(
     run: Path = typer.Option(..., "--run", help="run folder of `ipshield protect ip-clip` (or ntl-prompt, coop)"),
@@ -46,17 +78,34 @@ def evaluate(
     source: str = SourceOpt,
     root: Optional[Path] = RootOpt,
     domains: Optional[str] = DomainsOpt,
-    out: Optional[Path] = typer.Option(None, "--out", help="write the accuracies as JSON here"),
+    out: Optional[Path] = typer.Option(None, "--out", help="write the accuracies (and the verdict) as JSON here"),
     device: str = DeviceOpt,
+    authorize: Optional[str] = AuthorizeOpt,
 ):
-    """Reload a saved prompt (generator) and report its accuracy on any domains."""
+    """Reload a saved prompt (generator) and report its accuracy on any domains, with [ours] the
+    authorization verdict per domain (AUROC against the authorized test set, TAR / FAR at the
+    saved threshold)."""
     from ipshield import jobs
     from ipshield.report.tables import print_accuracy_table
 
     adapter = jobs.run_adapter(run, model, device)
     doms = load_source(source, root, domains)
-    acc = jobs.evaluate(run, doms, model=adapter, out=out)
-    print_accuracy_table({"accuracy (%)": acc}, None, f"{run}")
+    ref = _reference_domains(run, source, root, doms, authorize)
+    rep = jobs.evaluate(run, doms, model=adapter, out=out, authorize=split_names(authorize), reference=ref,
+                        details=True)
+    print_accuracy_table({"accuracy (%)": rep["accuracy"]}, None, f"{run}")
+    v = rep["verdict"]
+    if not v.get("available"):
+        typer.echo(f"note: {v['note']}")
+        return
+    typer.echo(f"verdict [ours]: authorized {', '.join(v['authorized'])}; score {v['score']} on {v['feature']}; "
+               f"threshold accepts {v['accept'] * 100:.0f} % of held-out authorized training images")
+    typer.echo(f"{'test set':<24} {'role':<12} {'accuracy':>8} {'AUROC':>7} {'TAR':>6} {'FAR':>6}")
+    for name, r in v["sets"].items():
+        typer.echo(f"{name:<24} {r['role']:<12} {rep['accuracy'][name]:>8.1f} {_fmt(r['auroc'], '.4f'):>7} "
+                   f"{_fmt(r['tar']):>6} {_fmt(r['far']):>6}")
+    if v.get("note"):
+        typer.echo(f"note: {v['note']}")
 
 
 @app.command("predict")
@@ -66,13 +115,21 @@ def predict(
     model: Optional[Path] = typer.Option(None, "--model", help="CLIP checkpoint (default: the one the run was trained on)"),
     out: Optional[Path] = typer.Option(None, "--out", help="write the predictions as CSV here"),
     device: str = DeviceOpt,
+    authorize: Optional[str] = AuthorizeOpt,
 ):
-    """Predict the class of every image in a folder with a saved run."""
+    """Predict the class of every image in a folder with a saved run, with [ours] the
+    authorization verdict (authorized / unauthorized) and its score (>= 0: authorized)."""
     from ipshield import jobs
 
-    rows = jobs.predict(run, images, model=jobs.run_adapter(run, model, device), out=out)
+    rows = jobs.predict(run, images, model=jobs.run_adapter(run, model, device), out=out,
+                        authorize=split_names(authorize))
     for r in rows:
-        typer.echo(f"{r['file']}\t{r['class']}\t{r['probability']:.3f}")
+        score = "" if r["score"] is None else f"{r['score']:.3f}"
+        typer.echo(f"{r['file']}\t{r['class']}\t{r['probability']:.3f}\t{r['verdict']}\t{score}")
+    if rows and rows[0]["verdict"] == "unavailable":
+        from ipshield.protect.ipclip_run import verdict_note
+
+        typer.echo(f"note: {verdict_note(run)}", err=True)
 
 
 @ablation_app.command("ip-clip")

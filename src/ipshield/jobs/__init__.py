@@ -134,39 +134,62 @@ def _protect_body(spec, cfg, domains, auth, unauth, scenario, out_path, model, o
 # ---------------------------------------------------------------------------- saved prompt runs
 
 
-def evaluate(run: str | Path, domains: Mapping[str, Any], model: Any = None, out: str | Path | None = None) -> dict[str, float]:
+def evaluate(run: str | Path, domains: Mapping[str, Any], model: Any = None, out: str | Path | None = None,
+             authorize: Sequence[str] | str | None = None, reference: Mapping[str, Any] | None = None,
+             details: bool = False) -> dict:
     """Accuracy of a saved CLIP prompt run (ip-clip, ntl-prompt, coop) on every given domain;
-    with ``out``, also written as JSON."""
+    with ``out``, also written as JSON ({"run", "accuracy", "verdict", "authorized"}).
+
+    [ours] ``verdict``: per test set the share the run's authorization head accepts at its saved
+    threshold, the AUROC against the authorized test set, TAR and FAR (``{"available": false,
+    "note": ...}`` for a run without a head). ``authorize``: the authorized domains at deployment
+    (a switchable run). ``reference``: domains whose test sets stand for the authorized test set
+    when it is not among ``domains``. Returns the accuracies (as before), or with ``details`` the
+    whole report."""
     import json
 
-    from ipshield.protect.ipclip_run import evaluate_run
+    from ipshield.protect.ipclip_run import evaluate_run_report
 
+    auth = _names(authorize)
     adapter = model if model is not None and not isinstance(model, (str, Path)) else run_adapter(run, model)
-    acc = evaluate_run(run, adapter, dict(domains))
+    report = evaluate_run_report(run, adapter, dict(domains), auth, dict(reference or {}))
+    report = {"run": str(run), "authorized": report["verdict"].get("authorized"), **report}
     if out is not None:
         p = Path(out)
         p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(json.dumps({"run": str(run), "accuracy": acc}, indent=2) + "\n")
-    return acc
+        p.write_text(json.dumps(report, indent=2) + "\n")
+    return report if details else report["accuracy"]
 
 
-def predict(run: str | Path, images: str | Path, model: Any = None, out: str | Path | None = None) -> list[dict]:
+def predict(run: str | Path, images: str | Path, model: Any = None, out: str | Path | None = None,
+            authorize: Sequence[str] | str | None = None) -> list[dict]:
     """The class (and probability) a saved CLIP prompt run predicts for every image under
-    ``images``; with ``out``, also written as CSV."""
+    ``images``, with [ours] the authorization verdict and its score (score - threshold, >= 0:
+    authorized; "unavailable" / empty for a run without a head); with ``out``, also written as
+    CSV. ``authorize``: the authorized domains at deployment (a switchable run)."""
     import csv
 
     from ipshield.protect.ipclip_run import predict_folder
 
     adapter = model if model is not None and not isinstance(model, (str, Path)) else run_adapter(run, model)
-    rows = predict_folder(run, images, adapter)
+    rows = predict_folder(run, images, adapter, authorize=_names(authorize))
     if out is not None:
         p = Path(out)
         p.parent.mkdir(parents=True, exist_ok=True)
         with p.open("w", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=["file", "class", "index", "probability"])
+            w = csv.DictWriter(f, fieldnames=["file", "class", "index", "probability", "verdict", "score"])
             w.writeheader()
-            w.writerows(rows)
+            w.writerows([{**r, "score": "" if r["score"] is None else r["score"]} for r in rows])
     return rows
+
+
+def _names(names: Sequence[str] | str | None) -> list[str] | None:
+    if names is None:
+        return None
+    if isinstance(names, str):
+        names = names.split(",")
+    out = [str(n).strip() for n in names if str(n).strip()]
+    return out or None
 
 
 def run_adapter(run: str | Path, model: str | Path | None = None, device: str = "auto"):

@@ -27,8 +27,10 @@ import torch
 from ipshield.data.domain import Domain, ImageSplit, check_same_classes
 from ipshield.errors import CheckpointError, DataError, IPShieldError
 from ipshield.registry import METHODS
-from ipshield.protect.ipclip import (GENERATOR_META, IPCLIP, IPCLIPConfig, WATERMARK_SUFFIX, accuracy_on_sets,
-                                     evaluation_sets, read_generator_meta, train_ipclip)
+from ipshield.protect.ipclip import (GENERATOR_META, HEAD_META, IPCLIP, IPCLIPConfig, SwitchableIPCLIP,
+                                     WATERMARK_SUFFIX, accuracy_on_sets, evaluation_sets, load_head, read_generator_meta,
+                                     train_ipclip, verdict_on_sets)
+from ipshield.protect.ipclip.verdict import NO_HEAD_NOTE
 
 #: what `evaluate` and `predict` can reload, by run kind
 RUN_KINDS = ("ip-clip", "ntl-prompt")
@@ -127,6 +129,10 @@ def prompt_job(kind: str, job, config, train: Callable) -> dict:
     model = train(adapter, domains[authorized], [domains[u] for u in train_u], config, verbose=job.verbose)
     after = accuracy_on_sets(model, sets, adapter)
     extra: dict = {"train_unauthorized": train_u, "history": model.history}
+    head = getattr(model, "head", None)
+    if head is None and kind != "ip-clip":  # [ours] the verdict of the other prompt methods, when cheap
+        head = fit_prompt_head(adapter, domains[authorized], [domains[u] for u in train_u], config)
+        model.head = head
     if kind == "ip-clip":
         selection = getattr(model, "selection", None)
         if job.out is not None:
@@ -134,8 +140,39 @@ def prompt_job(kind: str, job, config, train: Callable) -> dict:
         extra.update(timing={**model.timing, "references_s": t_refs}, selection=selection)
     elif job.out is not None:
         model.save(job.out)
+    if head is not None:
+        if job.out is not None:
+            head.save(job.out)
+        # [ours] the verdict on every test set (AUROC / TAR / FAR at the saved threshold)
+        extra["verdict"] = {**head.summary(), "test": verdict_on_sets(head, sets, adapter)}
+    else:
+        extra["verdict"] = {"available": False, "note": "no authorization head: verdict=false, or too few training "
+                                                        "images to fit one (at least 4 per set; for ntl-prompt / coop, "
+                                                        "20 outside the training subset: lower max_train)"}
     job.options["trained_model"] = model  # for callers that go on with it (the benchmark's embedding map)
     return build_metrics(kind, config.scenario, domains, authorized, train_u, refs, after, **extra)
+
+
+def fit_prompt_head(adapter, authorized: Domain, unauthorized: Sequence[Domain], config):
+    """[ours] The verdict for a prompt method other than IP-CLIP (NTL-prompt, CoOp): fitted on
+    held-out training images outside the method's ``max_train`` subset (its training is not
+    changed); None when fewer than ``verdict_min`` are spare."""
+    from ipshield.protect.ipclip import build_streams_with_validation
+    from ipshield.protect.ipclip.train import fit_verdict
+    from ipshield.protect.ipclip.verdict import spare_images
+
+    scenario = getattr(config, "scenario", "target-specified")
+    cfg = IPCLIPConfig(scenario=scenario, max_train=getattr(config, "max_train", None), seed=getattr(config, "seed", 0),
+                       watermark_stride=getattr(config, "watermark_stride", 2), amp=False, device="cpu")
+    splits = [authorized.train] + ([d.train for d in unauthorized] if scenario == "target-specified" else [])
+    spare = spare_images([len(x) for x in splits], cfg.max_train, cfg.seed)
+    if spare < cfg.verdict_min:
+        return None
+    val_size = min(cfg.verdict_size, spare)
+    _, _, val_a, val_u = build_streams_with_validation(authorized, unauthorized, scenario, cfg.max_train, cfg.seed,
+                                                       size=adapter.image_size, watermark_stride=cfg.watermark_stride,
+                                                       val_size=val_size, val_fraction=cfg.val_fraction)
+    return fit_verdict(adapter, authorized, unauthorized, cfg, val_a, val_u, val_size)
 
 
 @METHODS.register("ip-clip", config=IPCLIPConfig, model="clip", data=("authorized", "unauthorized"),
@@ -177,14 +214,36 @@ def saved_model_path(run: str | Path) -> str | None:
     return None
 
 
-def load_run(run: str | Path, adapter):
-    """The protected (or reference) prompt model of a run folder on ``adapter``, ready to predict."""
+def load_run(run: str | Path, adapter, authorize: Sequence[str] | None = None):
+    """The protected (or reference) prompt model of a run folder on ``adapter``, ready to predict.
+    ``model.head`` is its authorization head ([ours]; None for a run saved without one).
+    ``authorize``: the authorized domains at deployment (a switchable run; others accept only
+    their own authorized domain)."""
     kind = run_kind(run)
     if kind == "ip-clip":
-        return IPCLIP.load(run, adapter)
-    from ipshield.protect.coop import CoOpModel
+        meta = read_generator_meta(run)
+        if meta.get("switchable") or meta.get("config", {}).get("switchable"):
+            model = SwitchableIPCLIP.load(run, adapter)
+            if authorize:
+                model.authorize(authorize)
+            return model
+        model = IPCLIP.load(run, adapter)
+    else:
+        from ipshield.protect.coop import CoOpModel
 
-    return CoOpModel.load(run, adapter).eval()
+        model = CoOpModel.load(run, adapter).eval()
+    model.head = load_head(run)
+    if authorize:
+        if model.head is None:
+            raise DataError(f"--authorize needs a run trained with switchable=true; {run} has no authorization head",
+                            "train with `ipshield protect ip-clip ... --set switchable=true`")
+        model.head.check_authorized(authorize)  # a clear error unless it is the run's own authorized set
+    return model
+
+
+def verdict_note(run: str | Path) -> str:
+    """Why a run has no verdict (for the CLI and the JSON output)."""
+    return NO_HEAD_NOTE.format(file=f"no {HEAD_META} in {run}")
 
 
 def run_scenario(run: str | Path) -> tuple[str, str | None]:
@@ -198,10 +257,7 @@ def run_scenario(run: str | Path) -> tuple[str, str | None]:
     return scenario, meta.get("authorized") or (m.get("authorized") or "").replace(WATERMARK_SUFFIX, "") or None
 
 
-def evaluate_run(run: str | Path, adapter, domains: dict[str, Domain]) -> dict[str, float]:
-    """Accuracy (percent) of a saved run on every given domain (and, for the watermark
-    scenarios, on each domain's watermarked test set)."""
-    model = load_run(run, adapter)
+def _test_sets(run: str | Path, model, domains: dict[str, Domain]) -> dict:
     classes = getattr(model, "classes", None)
     for name, d in domains.items():
         if classes is not None and list(d.classes) != list(classes):
@@ -214,21 +270,50 @@ def evaluate_run(run: str | Path, adapter, domains: dict[str, Domain]) -> dict[s
 
         stride = getattr(getattr(model, "config", None), "watermark_stride", 2)
         sets.update({n + WATERMARK_SUFFIX: (d.test, watermark_fn(stride)) for n, d in domains.items()})
-    return accuracy_on_sets(model, sets, adapter)
+    return sets
+
+
+def evaluate_run(run: str | Path, adapter, domains: dict[str, Domain], authorize: Sequence[str] | None = None
+                 ) -> dict[str, float]:
+    """Accuracy (percent) of a saved run on every given domain (and, for the watermark
+    scenarios, on each domain's watermarked test set). ``authorize``: see ``load_run``."""
+    model = load_run(run, adapter, authorize)
+    return accuracy_on_sets(model, _test_sets(run, model, domains), adapter)
+
+
+def evaluate_run_report(run: str | Path, adapter, domains: dict[str, Domain], authorize: Sequence[str] | None = None,
+                        reference: dict[str, Domain] | None = None) -> dict:
+    """{"accuracy": per test set, "verdict": [ours] per test set the share accepted at the saved
+    threshold, the AUROC against the authorized test set, TAR and FAR}. ``reference``: domains
+    whose test sets serve as the authorized test set when it is not among ``domains``."""
+    model = load_run(run, adapter, authorize)
+    sets = _test_sets(run, model, domains)
+    acc = accuracy_on_sets(model, sets, adapter)
+    head = getattr(model, "head", None)
+    if head is None:
+        return {"accuracy": acc, "verdict": {"available": False, "note": verdict_note(run)}}
+    ref = _test_sets(run, model, {n: d for n, d in (reference or {}).items() if n not in domains})
+    auth = getattr(model, "authorized_set", None) or head.check_authorized(authorize)
+    return {"accuracy": acc, "verdict": verdict_on_sets(head, sets, adapter, auth, ref)}
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 
 
-def predict_folder(run: str | Path, folder: str | Path, adapter, batch_size: int = 64) -> list[dict]:
-    """Predicted class (and its probability) of every image file under ``folder``."""
+def predict_folder(run: str | Path, folder: str | Path, adapter, batch_size: int = 64,
+                   authorize: Sequence[str] | None = None) -> list[dict]:
+    """Predicted class (and its probability) of every image file under ``folder``, with [ours]
+    the authorization verdict ("authorized" / "unauthorized", or "unavailable" for a run without
+    a head) and its score (score - threshold: >= 0 is authorized; None when unavailable)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError(f"image folder {folder} does not exist", "give a folder of image files")
     files = sorted(p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
     if not files:
         raise DataError(f"no image files ({', '.join(IMAGE_SUFFIXES)}) under {folder}", "give a folder of images")
-    model = load_run(run, adapter)
+    model = load_run(run, adapter, authorize)
+    head = getattr(model, "head", None)
+    auth = (getattr(model, "authorized_set", None) or head.check_authorized(authorize)) if head is not None else None
     split = ImageSplit(files, np.zeros(len(files), dtype=np.int64))
     rows = []
     for s in range(0, len(files), batch_size):
@@ -241,9 +326,17 @@ def predict_folder(run: str | Path, folder: str | Path, adapter, batch_size: int
         with torch.no_grad():
             prob = model.predict_logits(x.to(adapter.device)).float().softmax(-1).cpu()
         conf, pred = prob.max(-1)
+        margin = None
+        if head is not None:
+            from ipshield.protect.ipclip.evaluate import verdict_margins
+
+            margin = verdict_margins(head, part, adapter, authorized=auth, batch_size=batch_size)
         for i in range(len(part)):
             rows.append({"file": str(files[s + i]), "class": model.classes[int(pred[i])], "index": int(pred[i]),
-                         "probability": float(conf[i])})
+                         "probability": float(conf[i]),
+                         "verdict": ("unavailable" if margin is None else
+                                     "authorized" if margin[i] >= 0 else "unauthorized"),
+                         "score": None if margin is None else float(margin[i])})
     return rows
 
 

@@ -24,8 +24,9 @@ transformer is causal), bf16 autocast on GPU (``amp``).
 #   config    scenarios, signed loss weights, IPCLIPConfig
 #   model     visual statistics, IP projector, style branch, banks, prompts, IPCLIP (save / load)
 #   data      scenario transforms and the training streams of each scenario
-#   train     StatsSource, fill_banks, EpochSelector, train_ipclip
-#   evaluate  evaluation_sets, accuracy_on_sets
+#   verdict   [ours] AuthorizationHead (the per-image verdict), SwitchableIPCLIP (authorization on demand)
+#   train     StatsSource, fill_banks, EpochSelector, train_ipclip, train_switchable
+#   evaluate  evaluation_sets, accuracy_on_sets, verdict_on_sets
 # Every name of the former single module is importable from here (private ones included).
 
 from ipshield.protect.ipclip.config import (CLIPPED_TERMS, LOSS_TERMS, SCENARIO_WEIGHTS, SCENARIOS, WATERMARK_SUFFIX,
@@ -36,8 +37,11 @@ from ipshield.protect.ipclip.model import (GENERATOR_FILE, GENERATOR_META, IPCLI
                                            visual_stats)
 from ipshield.protect.ipclip.data import (ImageFn, TrainStream, _authorization_mix, _strong, _watermark, build_streams,
                                           build_streams_with_validation, holdout_split, watermark_fn)
-from ipshield.protect.ipclip.train import EpochSelector, StatsSource, fill_banks, train_ipclip
-from ipshield.protect.ipclip.evaluate import accuracy_on_sets, evaluation_sets
+from ipshield.protect.ipclip.verdict import (HEAD_FILE, HEAD_META, AuthorizationHead, SwitchableIPCLIP, auroc, fit_head,
+                                             has_head, holdout_indices, load_head)
+from ipshield.protect.ipclip.train import (EpochSelector, StatsSource, fill_banks, holdout_record, train_ipclip,
+                                           train_switchable)
+from ipshield.protect.ipclip.evaluate import accuracy_on_sets, evaluation_sets, verdict_margins, verdict_on_sets
 
 __all__ = [
     "Scenario", "SCENARIOS", "WATERMARK_SUFFIX", "SCENARIO_WEIGHTS", "LOSS_TERMS", "CLIPPED_TERMS", "IPCLIPConfig",
@@ -45,6 +49,8 @@ __all__ = [
     "supports_shared_prefix", "shared_prefix_text_features", "IPCLIP", "GENERATOR_FILE", "GENERATOR_META",
     "read_generator_meta",
     "ImageFn", "watermark_fn", "TrainStream", "build_streams", "holdout_split", "build_streams_with_validation",
-    "StatsSource", "fill_banks", "EpochSelector", "train_ipclip",
-    "evaluation_sets", "accuracy_on_sets",
+    "AuthorizationHead", "SwitchableIPCLIP", "HEAD_FILE", "HEAD_META", "auroc", "fit_head", "has_head",
+    "holdout_indices", "load_head",
+    "StatsSource", "fill_banks", "EpochSelector", "train_ipclip", "train_switchable", "holdout_record",
+    "evaluation_sets", "accuracy_on_sets", "verdict_margins", "verdict_on_sets",
 ]

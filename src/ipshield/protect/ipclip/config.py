@@ -103,6 +103,34 @@ class IPCLIPConfig(BaseConfig):
     val_fraction: float = 0.2
     #: bound (percent) on every unauthorized validation accuracy; None = 1.5 x chance (the issue's bound)
     select_max_unauthorized: float | None = None
+    # [ours] the authorization verdict (ipclip.verdict): a head fitted at the end of training on
+    # HELD-OUT training images (never a gradient step, never the test split)
+    #: fit the head (False: no head, and training exactly as before the verdict existed)
+    verdict: bool = True
+    #: held-out images per domain for the head, from outside the ``max_train`` subset (training
+    #: unchanged); with ``select_best`` the selection's validation images are used instead
+    verdict_size: int = 300
+    #: when fewer training images than this are spare (e.g. ``max_train`` >= the split's size) ...
+    verdict_min: int = 20
+    #: ... True holds out ``val_fraction`` of each training subset (not trained on: training then
+    #: differs from a run without the verdict); False (default, training unchanged) fits the head on
+    #: up to ``verdict_size`` images of the training subset, cross-fitted, and flags it
+    #: (``source: training``): the head reads only the frozen tower, which training never changes
+    verdict_carve: bool = False
+    #: principal directions of the head's Gaussians
+    verdict_dims: int = 16
+    #: share of the held-out authorized images the threshold accepts
+    verdict_accept: float = 0.95
+    #: the head's input: auto (chosen on held-out images) | style (per-layer style statistics) | feature (image feature)
+    verdict_feature: Literal["auto", "style", "feature"] = "auto"
+    #: the head's score: auto (chosen on held-out images) | gaussian | contrast | logistic
+    verdict_score: Literal["auto", "gaussian", "contrast", "logistic"] = "auto"
+    #: [ours] authorization on demand: train once on the authorized AND unauthorized domains
+    #: (target-specified) so the owner picks the authorized ones at deployment (``--authorize``);
+    #: use lr=0.002 (at the spec's 0.01 the per-image prompts can fall into the uniform point)
+    switchable: bool = False
+    #: the collapse context's learning rate (its own Adam group; None: ``lr``)
+    collapse_lr: float | None = None
     eval_batch_size: int = 64
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
@@ -119,6 +147,13 @@ class IPCLIPConfig(BaseConfig):
             raise ConfigError("the style-enhancement branch (BatchNorm) needs batch_size >= 2", "set batch_size=2 or more")
         if self.warmup_epochs < 0 or self.warmup_epochs >= max(self.epochs, 1) and self.epochs > 1:
             raise ConfigError(f"warmup_epochs={self.warmup_epochs} must be in [0, epochs)", "lower warmup_epochs")
+        if self.verdict and (self.verdict_size < 4 or self.verdict_dims < 1 or not 0.0 < self.verdict_accept < 1.0):
+            raise ConfigError(f"the verdict needs verdict_size >= 4, verdict_dims >= 1 and 0 < verdict_accept < 1 (got "
+                              f"{self.verdict_size}, {self.verdict_dims}, {self.verdict_accept})",
+                              "set e.g. verdict_size=300 verdict_dims=16 verdict_accept=0.95")
+        if self.switchable and (self.scenario != "target-specified" or not self.verdict or self.select_best):
+            raise ConfigError("switchable needs the target-specified scenario (every trained domain labelled) and "
+                              "verdict=true (and no select_best)", "use --scenario target-specified with --unauthorized D2[,D3]")
         if self.select_best and (self.val_size < 1 or not 0.0 < self.val_fraction < 1.0):
             raise ConfigError(f"select_best needs val_size >= 1 and 0 < val_fraction < 1 (got {self.val_size}, "
                               f"{self.val_fraction})", "set e.g. val_size=300 val_fraction=0.2")
