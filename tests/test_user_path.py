@@ -239,3 +239,28 @@ def test_zero_shot_cli_option_errors(small_clip_dir, tmp_path, capsys):
         with pytest.raises(SystemExit) as exc:
             main(base + args)
         assert exc.value.code == 2 and match in capsys.readouterr().err, args
+
+
+def test_protect_and_evaluate_take_the_class_name_map(small_clip_dir, synthetic_domains, tmp_path, capsys):
+    """``--class-names`` reaches every command that builds class prompts: a prompt method trained on a
+    folder of numeral-named classes, then evaluated on it (refused with the fix without the map)."""
+    from ipshield.cli import main
+
+    for name in ("clean", "inverted"):
+        _folder_of(*_balanced(synthetic_domains[name].test, 3), tmp_path / "data", name)
+    data = ["--source", "folder", "--root", str(tmp_path / "data")]
+    run = tmp_path / "coop"
+    base = ["protect", "coop", "--model", str(small_clip_dir), "--authorized", "clean", "--out", str(run), *data,
+            "--set", "epochs=1"]
+    with pytest.raises(SystemExit) as exc:
+        main(base)
+    assert exc.value.code == 2 and "--class-names 0=zero,1=one" in capsys.readouterr().err
+    main(base + ["--class-names", NUM_MAP])
+    m = json.loads((run / "metrics.json").read_text())
+    assert set(m["accuracy"]["after"]) == {"clean", "inverted"}
+    with pytest.raises(SystemExit) as exc:
+        main(["evaluate", "--run", str(run), *data])
+    assert exc.value.code == 2 and "--class-names" in capsys.readouterr().err
+    main(["evaluate", "--run", str(run), *data, "--class-names", NUM_MAP, "--out", str(tmp_path / "ev.json")])
+    ev = json.loads((tmp_path / "ev.json").read_text())
+    assert set(ev["accuracy"]) == {"clean", "inverted"}

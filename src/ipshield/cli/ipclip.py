@@ -9,7 +9,7 @@ from typing import Optional
 import typer
 
 from ipshield.cli import app
-from ipshield.cli.common import (ConfigOpt, DomainsOpt, ModelOpt, RootOpt, SetOpt, SourceOpt, load_source, match_domain,
+from ipshield.cli.common import (ClassNamesOpt, ConfigOpt, DomainsOpt, ModelOpt, RootOpt, SetOpt, SourceOpt, load_source, match_domain,
                                  resolve_model, split_names)
 
 ablation_app = typer.Typer(help="What each component of a method contributes, on the same data.", no_args_is_help=True)
@@ -44,7 +44,8 @@ AuthorizeOpt = typer.Option(None, "--authorize",
                                   "--set switchable=true; default: the run's authorized domain)")
 
 
-def _reference_domains(run: Path, source: str, root, doms: dict, authorize: Optional[str]) -> dict:
+def _reference_domains(run: Path, source: str, root, doms: dict, authorize: Optional[str],
+                       class_names: Optional[str] = None) -> dict:
     """The authorized domain(s) of the verdict, loaded from the source when not among --domains
     (only their test sets are used, for the verdict's AUROC and TAR)."""
     from ipshield.protect.ipclip import WATERMARK_SUFFIX
@@ -62,7 +63,7 @@ def _reference_domains(run: Path, source: str, root, doms: dict, authorize: Opti
     if not want:
         return {}
     try:
-        return load_source(source, root, ",".join(want))
+        return load_source(source, root, ",".join(want), class_names=class_names)
     except Exception:  # not offered by this source: the verdict reports AUROC as unavailable
         return {}
 
@@ -78,6 +79,7 @@ def evaluate(
     source: str = SourceOpt,
     root: Optional[Path] = RootOpt,
     domains: Optional[str] = DomainsOpt,
+    class_names: Optional[str] = ClassNamesOpt,
     out: Optional[Path] = typer.Option(None, "--out", help="write the accuracies (and the verdict) as JSON here"),
     device: str = DeviceOpt,
     authorize: Optional[str] = AuthorizeOpt,
@@ -89,8 +91,8 @@ def evaluate(
     from ipshield.report.tables import print_accuracy_table
 
     adapter = jobs.run_adapter(run, model, device)
-    doms = load_source(source, root, domains)
-    ref = _reference_domains(run, source, root, doms, authorize)
+    doms = load_source(source, root, domains, class_names=class_names)
+    ref = _reference_domains(run, source, root, doms, authorize, class_names)
     rep = jobs.evaluate(run, doms, model=adapter, out=out, authorize=split_names(authorize), reference=ref,
                         details=True)
     print_accuracy_table({"accuracy (%)": rep["accuracy"]}, None, f"{run}")

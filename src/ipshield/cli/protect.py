@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 
 from ipshield.cli import app, protect_app
-from ipshield.cli.common import (ConfigOpt, DomainsOpt, RootOpt, SetOpt, load_source, match_domain, source_help,
+from ipshield.cli.common import (ClassNamesOpt, ConfigOpt, DomainsOpt, RootOpt, SetOpt, load_source, match_domain, source_help,
                                  split_names)
 from ipshield.registry import METHODS, SCENARIOS, MethodSpec
 
@@ -60,7 +60,8 @@ def _print_clip(m: dict) -> None:
 def run_protect(spec: MethodSpec, *, authorized: Optional[str], unauthorized: Optional[str], out: Path,
                 scenario: Optional[str], model: Optional[Path], source: Optional[str], root: Optional[Path],
                 domains: Optional[str], config: Optional[Path], overrides: Optional[list[str]], seed: Optional[int],
-                device: Optional[str], overwrite: bool, no_coop: bool = False, coop_set: Optional[list[str]] = None) -> dict:
+                device: Optional[str], overwrite: bool, no_coop: bool = False, coop_set: Optional[list[str]] = None,
+                class_names: Optional[str] = None) -> dict:
     """What every ``ipshield protect METHOD`` command does: load the domains, call ``jobs.protect``, print."""
     from ipshield import jobs
     from ipshield.config import read_yaml
@@ -70,10 +71,12 @@ def run_protect(spec: MethodSpec, *, authorized: Optional[str], unauthorized: Op
         spec.check_scenario(scenario)  # a clear error before any data is loaded
     unauth = split_names(unauthorized) or []
     if spec.model == "clip":
-        doms = load_source(source or "synthetic", root, domains, [n for n in [authorized, *unauth] if n])
+        doms = load_source(source or "synthetic", root, domains, [n for n in [authorized, *unauth] if n],
+                           class_names=class_names)
     else:
         wanted = [n for n in [authorized, *unauth, *(split_names(domains) or [])] if n]
-        doms = load_source(source or "digits", root, ",".join(dict.fromkeys(wanted)) if wanted else None)
+        doms = load_source(source or "digits", root, ",".join(dict.fromkeys(wanted)) if wanted else None,
+                           class_names=class_names)
     auth = match_domain(authorized, doms) if authorized else None
     unauth = [match_domain(u, doms) for u in unauth]
     options = {}
@@ -118,6 +121,7 @@ def _make_command(spec: MethodSpec):
         source: Optional[str] = typer.Option(None, "--source", help=source_help("synthetic" if is_clip else "digits")),
         root: Optional[Path] = RootOpt,
         domains: Optional[str] = DomainsOpt,
+        class_names: Optional[str] = ClassNamesOpt,
         config: Optional[Path] = ConfigOpt,
         overrides: Optional[list[str]] = SetOpt,
         seed: Optional[int] = typer.Option(None, "--seed", help="random seed (overrides the config)"),
@@ -130,7 +134,8 @@ def _make_command(spec: MethodSpec):
     ) -> None:
         run_protect(spec, authorized=authorized, unauthorized=unauthorized, out=out, scenario=scenario, model=model,
                     source=source, root=root, domains=domains, config=config, overrides=overrides, seed=seed,
-                    device=device, overwrite=overwrite, no_coop=no_coop, coop_set=coop_set)
+                    device=device, overwrite=overwrite, no_coop=no_coop, coop_set=coop_set,
+                    class_names=class_names)
 
     command.__doc__ = (f"{spec.description or spec.name}. Scenarios: {scen}. "
                        f"Config: {spec.config.__name__ if spec.config else '-'} (--set key=value).")

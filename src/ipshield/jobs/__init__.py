@@ -105,15 +105,21 @@ def protect(method: str, *, domains: Mapping[str, Any], authorized: str | None =
         if is_main():
             run = open_run(out_path, f"protect-{spec.name}", cfg, seed=getattr(cfg, "seed", None), overwrite=overwrite)
     if run is None:
+        model = _resolve_model(spec, model, domains, auth, out_path, cfg, verbose)
         return _protect_body(spec, cfg, domains, auth, unauth, scenario, out_path, model, options, verbose)
     with run_guard(run):
+        model = _resolve_model(spec, model, domains, auth, out_path, cfg, verbose)
         metrics = _protect_body(spec, cfg, domains, auth, unauth, scenario, out_path, model, options, verbose)
         run.save_metrics(metrics)
-        run.finish(method=spec.name)
+        extra = {}
+        if spec.model == "clip" and getattr(model, "path", None):  # what `evaluate`/`predict` reload it on
+            extra["model_path"] = str(Path(model.path).resolve())
+        run.finish(method=spec.name, **extra)
     return metrics
 
 
-def _protect_body(spec, cfg, domains, auth, unauth, scenario, out_path, model, options, verbose) -> dict[str, Any]:
+def _resolve_model(spec, model, domains, auth, out_path, cfg, verbose):
+    """The model a job runs on: the given one, loaded when it is a path, or the method's default."""
     if model is None:
         model = _default_model(spec, domains, auth, out_path, getattr(cfg, "seed", 0), verbose)
     elif spec.model == "classifier" and isinstance(model, (str, Path)):
@@ -124,6 +130,10 @@ def _protect_body(spec, cfg, domains, auth, unauth, scenario, out_path, model, o
         from ipshield.models.clip import load_clip
 
         model = load_clip(model)
+    return model
+
+
+def _protect_body(spec, cfg, domains, auth, unauth, scenario, out_path, model, options, verbose) -> dict[str, Any]:
     job = Job(model=model, domains=domains, authorized=auth, unauthorized=unauth, scenario=scenario, out=out_path,
               verbose=verbose, options=options if isinstance(options, dict) else dict(options or {}))
     if out_path is not None:

@@ -30,24 +30,26 @@ def predict(model: DomainClassifier | Callable[[torch.Tensor], torch.Tensor], sp
     """Predicted class index for every image of ``split``. ``transform`` (e.g. the grid watermark)
     is applied to the [0, 1] images before the model sees them."""
     fn = model.predict_logits if hasattr(model, "predict_logits") else model
+    if size is None and not split.in_memory:
+        # files may differ in size: batch them at the model's input size when it has one (a CLIP
+        # classifier), else at their own size (to_tensor says so clearly when the files differ)
+        size = _model_image_size(model)
     preds = []
-    n = len(split)
-    if split.in_memory:
-        for start in range(0, n, batch_size):
-            part = split.subset(range(start, min(n, start + batch_size)))
-            x = part.to_tensor(size).to(device)
-            if transform is not None:
-                x = transform(x)
-            preds.append(fn(x).argmax(-1).cpu().numpy())
-    else:
-        if size is None:
-            raise ValueError("size is required for images loaded from files")
-        for start in range(0, n, batch_size):
-            x = split.subset(range(start, min(n, start + batch_size))).to_tensor(size).to(device)
-            if transform is not None:
-                x = transform(x)
-            preds.append(fn(x).argmax(-1).cpu().numpy())
+    for start in range(0, len(split), batch_size):
+        x = split.subset(range(start, min(len(split), start + batch_size))).to_tensor(size).to(device)
+        if transform is not None:
+            x = transform(x)
+        preds.append(fn(x).argmax(-1).cpu().numpy())
     return np.concatenate(preds) if preds else np.zeros(0, dtype=np.int64)
+
+
+def _model_image_size(model) -> int | None:
+    """The input resolution a model declares (``image_size``, or its CLIP adapter's), if any."""
+    for obj in (model, getattr(model, "adapter", None)):
+        size = getattr(obj, "image_size", None)
+        if isinstance(size, int) and size > 0:
+            return size
+    return None
 
 
 def accuracy(model: DomainClassifier | Callable[[torch.Tensor], torch.Tensor], split: ImageSplit, **kw) -> float:

@@ -209,9 +209,12 @@ def _run_info(run: Path) -> dict:
 def saved_model_path(run: str | Path) -> str | None:
     """The CLIP checkpoint a run was trained on, when it was recorded."""
     run = Path(run)
-    if (run / GENERATOR_META).is_file():
+    if (run / GENERATOR_META).is_file() and read_generator_meta(run).get("model_path"):
         return read_generator_meta(run).get("model_path")
-    return None
+    try:  # any CLIP method's run folder records it in run.json (written by the jobs layer)
+        return json.loads((run / "run.json").read_text()).get("model_path")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def load_run(run: str | Path, adapter, authorize: Sequence[str] | None = None):
@@ -261,8 +264,12 @@ def _test_sets(run: str | Path, model, domains: dict[str, Domain]) -> dict:
     classes = getattr(model, "classes", None)
     for name, d in domains.items():
         if classes is not None and list(d.classes) != list(classes):
+            fix = "evaluate on domains with the run's classes, in the same order"
+            if len(d.classes) == len(classes):  # the same classes under other names (e.g. numeral folders)
+                fix += (" (or rename them: --class-names "
+                        + ",".join(f"{a}={b}" for a, b in zip(d.classes, classes) if a != b) + ")")
             raise DataError(f"domain '{name}' has classes {d.classes[:5]}... but the run was trained on {classes[:5]}...",
-                            "evaluate on domains with the run's classes, in the same order")
+                            fix)
     scenario, _ = run_scenario(run)
     sets = {n: (d.test, None) for n, d in domains.items()}
     if scenario in ("ownership", "authorization"):
