@@ -17,7 +17,7 @@ from ipshield.protect.ipclip import (IPCLIP, IPCLIPConfig, StatsSource, accuracy
 
 AUTH, UNAUTH = "clean", "inverted"
 # the small setting every training test uses: cached features, no random crop, a few epochs
-FAST = dict(epochs=4, max_train=200, augment=False, seed=0, device="cpu")
+FAST = dict(recipe="spec", epochs=4, max_train=200, augment=False, seed=0, device="cpu")
 
 
 @pytest.fixture(scope="module")
@@ -297,7 +297,7 @@ def test_vit_b16_shaped_checkpoint_takes_a_training_step(tmp_path):
         split = ImageSplit(rng.integers(0, 255, (2, 32, 32, 3), dtype=np.uint8), np.array([0, 2]))
         return Domain(name, classes, split, split)
 
-    cfg = IPCLIPConfig(epochs=1, batch_size=2, max_train=2, augment=False, device="cpu", bank_k=1)
+    cfg = IPCLIPConfig(recipe="spec", epochs=1, batch_size=2, max_train=2, augment=False, device="cpu", bank_k=1)
     model = train_ipclip(adapter, domain("a"), [domain("b")], cfg, verbose=False)
     assert len(model.history) == 1 and np.isfinite(model.history[0]["total"])
     n_params = sum(p.numel() for p in model.projector.parameters())

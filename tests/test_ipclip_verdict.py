@@ -16,7 +16,7 @@ from ipshield.protect.ipclip import (HEAD_FILE, HEAD_META, IPCLIPConfig, Switcha
                                      load_head, visual_stats)
 
 AUTH, UNAUTH, UNSEEN = "clean", "inverted", "texture"
-TINY = dict(max_train=48, augment=False, seed=0, device="cpu")
+TINY = dict(recipe="spec", max_train=48, augment=False, seed=0, device="cpu")
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -99,7 +99,8 @@ def run_demo(out: str | Path, authorized: str = "clean", preset: str = "default"
     others = [d for d in domains if d != authorized]
     m = jobs.protect("ip-clip", domains=domains, authorized=authorized, unauthorized=others, out=run.path / "ip-clip",
                      model=adapter, options={"coop": coop},
-                     config=IPCLIPConfig(epochs=ipclip_epochs, max_train=500, augment=False, lr=ipclip_lr, seed=seed),
+                     config=IPCLIPConfig(recipe="spec", epochs=ipclip_epochs, max_train=500, augment=False, lr=ipclip_lr,
+                                          seed=seed),
                      overwrite=True)
     acc["IP-CLIP"] = m["accuracy"]["after"]
     timings["ip_clip"] = time.perf_counter() - t
