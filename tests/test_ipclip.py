@@ -365,3 +365,28 @@ def test_select_best_restores_the_chosen_epoch(small_clip, synthetic_domains, tm
     x = doms[UNAUTH].test.subset(range(16)).to_tensor()
     torch.testing.assert_close(again.predict_logits(x), sel.predict_logits(x))
     assert not torch.allclose(last.predict_logits(x), sel.predict_logits(x))
+
+
+def test_defaults_are_the_measured_recipe_and_explicit_keys_win():
+    """``recipe="ours"`` (the default) starts the target-specified scenario from the recipe chosen
+    on held-out training images (docs/ipclip.md, "Defaults"); every key given explicitly wins, the
+    other scenarios and ``recipe="spec"`` keep the reference's values."""
+    from ipshield.errors import ConfigError
+    from ipshield.protect.ipclip.config import OURS_TARGET_SPECIFIED
+
+    c = IPCLIPConfig()
+    assert {k: getattr(c, k) for k in OURS_TARGET_SPECIFIED} == OURS_TARGET_SPECIFIED
+    assert (c.lr, c.w_self, c.clip_per_sample, c.clip_value, c.select_best, c.max_train, c.augment) == \
+        (0.001, 0.0, True, 3.0, True, 500, False)
+    assert c.loss_weights()["self"] == 0.0 and c.epochs == 50
+    spec = IPCLIPConfig(recipe="spec")
+    assert (spec.lr, spec.w_self, spec.clip_per_sample, spec.select_best, spec.max_train, spec.augment) == \
+        (0.01, None, False, False, 2000, True)
+    assert spec.loss_weights()["self"] == -1.0
+    over = IPCLIPConfig.build({}, ["lr=0.005", "select_best=false"])
+    assert over.lr == 0.005 and over.select_best is False and over.clip_per_sample is True
+    assert IPCLIPConfig(scenario="target-free").lr == 0.01 and not IPCLIPConfig(scenario="ownership").select_best
+    assert IPCLIPConfig(switchable=True).select_best is False  # a switchable run keeps its last epoch
+    assert IPCLIPConfig.build(c.to_dict()) == c and IPCLIPConfig.build(spec.to_dict()) == spec
+    with pytest.raises(ConfigError):
+        IPCLIPConfig.build({"recipe": "paper"})

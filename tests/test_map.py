@@ -438,14 +438,16 @@ def test_cli_protect_map_bad_model(tmp_path, digits_root):
 def test_bench_smoke_writes_tables_and_resumes(tmp_path, digits_root):
     from ipshield.bench.digits import DigitsBenchConfig, run_digits_bench
 
-    cfg = DigitsBenchConfig.smoke(methods=["sa-map", "sf-map", "df-map", "ntl", "cuti", "ntl-tf"], ownership=True)
+    # three of the six methods (a mask, a retrained model, a target-free one: the harness's three paths);
+    # every method's own training is tested above, and the registry-driven tests reach each one
+    cfg = DigitsBenchConfig.smoke(methods=["sa-map", "ntl", "ntl-tf"], ownership=True)
     first = run_digits_bench(tmp_path, cfg, root=digits_root, log=lambda s: None)
     rows = first["rows"]
-    assert {r["method"] for r in rows} == {"sa-map", "sf-map", "df-map", "ntl", "cuti", "ntl-tf"}
+    assert {r["method"] for r in rows} == {"sa-map", "ntl", "ntl-tf"}
     for name in ("results.csv", "results.md", "attacks.csv", "attacks.md", "metrics.json", "ownership.csv", "ownership.md"):
         assert (tmp_path / name).is_file(), name
     own = first["ownership"]  # one row per method (ntl-tf has no ownership form) for the one source
-    assert [(r["method"], r["authorized"]) for r in own] == [(m, "mnist") for m in ("sa-map", "sf-map", "df-map", "ntl", "cuti")]
+    assert [(r["method"], r["authorized"]) for r in own] == [(m, "mnist") for m in ("sa-map", "ntl")]
     assert all(0 < r["opacity"] <= 1 and r["acc_wm_before"] > 50.0 for r in own)
     assert "watermarked, protected" in (tmp_path / "ownership.md").read_text()
     md = (tmp_path / "results.md").read_text()
