@@ -22,6 +22,19 @@ References [definitions ours, following the issue]:
   which the unprotected model gives for 0 labels): read off the k grid (0 labels = the protected
   model as given), interpolated linearly in log k between grid points (linearly in k from 0 to the
   first one); ``None`` when even the largest k falls short (reported as "> max k").
+
+The prompt-model path (``prompt_*`` below; the attacks with ``target="prompt"``: ``prompt-finetune``,
+``prompt-coop`` of :mod:`ipshield.attacks.prompt`, on IP-CLIP / NTL-prompt) gives the same grid keys,
+the same rows (:func:`robust_rows`, :func:`labels_rows`) and so the same tables, with the references
+of a prompt [definitions ours]:
+
+- *scratch*: CoOp trained from a random context on the same k labelled unauthorized images with
+  the same step budget (steps, batch size, lr) as the attack (``scratch_k<k>``);
+- *zero-shot*: the frozen backbone with the class-name prompt, no labels (``zero-shot``; an extra
+  ``zero_shot`` column of the rows);
+- *unprotected*: CoOp trained on the authorized domain (the unprotected prompt-learned model),
+  attacked the same way; its unauthorized accuracy before any attack is the target of *labels to
+  match*.
 """
 
 from __future__ import annotations
@@ -227,6 +240,8 @@ def robust_rows(row: Mapping[str, Any], source: Mapping[str, Any] | None, refs: 
                     "acc_u_source": row.get("acc_u_source"), "attacked": attacked, "unprotected": unprot,
                     "scratch": scratch, "margin": protection_margin(attacked, scratch),
                     "vs_unprotected": protection_margin(attacked, unprot)})
+        if "zero-shot" in refs:  # the prompt-model path: the backbone with no labels
+            out[-1]["zero_shot"] = refs["zero-shot"]
     return out
 
 
@@ -248,3 +263,111 @@ def format_labels(need: float | None, ks: Sequence[int]) -> str:
     if need is None:
         return f"> {max(ks)}" if ks else "n/a"
     return "0" if need == 0 else f"{need:.0f}"
+
+
+# ============================================================================ the prompt-model path
+def prompt_attacks() -> list[str]:
+    """Every registered attack on CLIP prompt models (``target="prompt"``), the built-in ones first in
+    table order (``ipshield.attacks.prompt.PROMPT_ATTACKS``)."""
+    from ipshield.attacks.prompt import PROMPT_ATTACKS
+
+    names = [s.name for s in ATTACKS.specs() if s.target == "prompt"]
+    return [n for n in PROMPT_ATTACKS if n in names] + [n for n in names if n not in PROMPT_ATTACKS]
+
+
+def check_prompt_attacks(names: Sequence[str]) -> list[str]:
+    known = prompt_attacks()
+    bad = [n for n in names if n not in known]
+    if bad:
+        raise ConfigError(f"unknown prompt attack(s) {bad}", f"choose among {', '.join(known)}")
+    return list(names)
+
+
+def _prompt_config(name: str, options: Mapping[str, Any], seed: int, n_test: int | None, k: int | None):
+    data = {**dict(options), "seed": seed, "n_test": n_test}
+    if k is not None:
+        data["k"] = k
+    if "references" in (ATTACKS.get(name).config.model_fields if ATTACKS.get(name).config else {}):
+        data["references"] = False  # the grid's references are computed once, by prompt_scratch_grid
+    return ATTACKS.get(name).make_config(data)
+
+
+def prompt_attack_grid(model, unauthorized: Domain, attacks: Sequence[str], ks: Sequence[int],
+                       options: Mapping[str, Mapping[str, Any]] | None = None, seed: int = 0, n_test: int | None = None,
+                       acc_before: float | None = None, log=None) -> dict[str, Any]:
+    """:func:`attack_grid` for a CLIP prompt model (IP-CLIP, NTL-prompt, CoOp): ``{result_key: acc}``
+    and ``acc_before``; a k larger than the domain's training images gives None (under ``skipped``)."""
+    from ipshield.attacks import prompt
+
+    own = {"prompt-finetune": prompt.prompt_finetune_attack, "prompt-coop": prompt.prompt_coop_attack}
+    options = options or {}
+    out: dict[str, Any] = {}
+    skipped = []
+    for name, k in grid_keys(check_prompt_attacks(attacks), ks):
+        if k is not None and k > len(unauthorized.train):
+            out[result_key(name, k)] = None
+            skipped.append(result_key(name, k))
+            continue
+        cfg = _prompt_config(name, options.get(name, {}), seed, n_test, k)
+        if name in own:
+            r = own[name](model, unauthorized, cfg, acc_before=acc_before)
+        else:
+            r = dict(ATTACKS.get(name).run(model, cfg, domain=unauthorized))
+        acc_before = r.get("acc_before", acc_before)
+        out[result_key(name, k)] = r["acc_after"]
+        if log:
+            log(f"  {result_key(name, k)}: {r['acc_after']:.1f} ({r.get('seconds', 0):.0f}s)")
+    out["acc_before"] = acc_before
+    if skipped:
+        out["skipped"] = skipped
+    return out
+
+
+def prompt_scratch_grid(adapter, unauthorized: Domain, attacks: Sequence[str], ks: Sequence[int],
+                        options: Mapping[str, Mapping[str, Any]] | None = None, seed: int = 0,
+                        n_test: int | None = None) -> dict[str, Any]:
+    """The references of a prompt grid: ``chance``, ``zero-shot`` (the backbone, no labels) and
+    ``scratch_k<k>`` (CoOp from scratch on the k images, the step budget of the first k-attack)."""
+    from ipshield.attacks.prompt import scratch_prompt, zero_shot_reference
+
+    options = options or {}
+    attacks = check_prompt_attacks(attacks)
+    out: dict[str, Any] = {"chance": 100.0 / max(1, len(unauthorized.classes)),
+                           "zero-shot": zero_shot_reference(adapter, unauthorized, n_test, seed)}
+    k_attacks = [a for a in attacks if uses_k(a)]
+    if k_attacks:
+        for k in ks:
+            if k > len(unauthorized.train):
+                out[f"scratch_k{k}"] = None
+                continue
+            cfg = _prompt_config(k_attacks[0], options.get(k_attacks[0], {}), seed, n_test, k)
+            out[f"scratch_k{k}"] = scratch_prompt(adapter, unauthorized, cfg)["acc_after"]
+    return out
+
+
+def prompt_robust(model, unauthorized: Domain, *, attacks: Sequence[str] | None = None, ks: Sequence[int] = (10,),
+                  authorized: Domain | None = None, reference=None, coop_options: Mapping[str, Any] | None = None,
+                  options: Mapping[str, Mapping[str, Any]] | None = None, seed: int = 0, n_test: int | None = None,
+                  method: str = "protected", log=None) -> dict[str, Any]:
+    """The attack suite on one protected CLIP prompt model with its references and the rows of the
+    robust tables: ``{"grid", "unprotected" (or None), "refs", "rows", "labels"}``.
+
+    ``reference``: the unprotected prompt model (CoOp trained on the authorized domain); without
+    it and with ``authorized`` one is trained (``CoOpConfig`` + ``coop_options``, on the CLIP's
+    device). Each is attacked the same way; with neither, the unprotected columns are None."""
+    attacks = check_prompt_attacks(list(attacks) if attacks is not None else prompt_attacks())
+    adapter = model.adapter
+    grid = prompt_attack_grid(model, unauthorized, attacks, ks, options, seed, n_test, log=log)
+    if reference is None and authorized is not None:
+        from ipshield.protect.coop import CoOpConfig, train_coop
+
+        cfg = CoOpConfig.build({"device": adapter.device.type, "seed": seed, **dict(coop_options or {})})
+        reference = train_coop(adapter, authorized, cfg, verbose=False)
+    source = prompt_attack_grid(reference, unauthorized, attacks, ks, options, seed, n_test) if reference is not None \
+        else None
+    refs = prompt_scratch_grid(adapter, unauthorized, attacks, ks, options, seed, n_test)
+    row = {**grid, "method": method, "authorized": authorized.name if authorized is not None else None,
+           "unauthorized": unauthorized.name, "seed": seed, "acc_u_protected": grid["acc_before"],
+           "acc_u_source": source["acc_before"] if source else None}
+    return {"grid": grid, "unprotected": source, "refs": refs, "rows": robust_rows(row, source, refs, attacks, ks),
+            "labels": labels_rows(row, attacks, ks)}

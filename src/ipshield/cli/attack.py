@@ -1,5 +1,6 @@
 """``ipshield attack NAME``: one command per registered attack on a classifier (``ATTACKS`` entries
-whose target is "classifier"), the same names and options as ``ipshield.jobs.attack.attack``.
+whose target is "classifier") or on a CLIP prompt model (target "prompt": ``--run`` the protected
+prompt's run folder, ``--model`` its CLIP), the same names and options as ``ipshield.jobs.attack.attack``.
 ``ipshield attack finetune`` is the cost to break a domain restriction (fine-tuning with each
 ``--k`` and SHOT, with the from-scratch reference and, given ``--reference``, the unprotected
 model attacked the same way); attacks that use a share of the authorized images
@@ -114,6 +115,61 @@ def _make_command(spec: AttackSpec):
 for _spec in ATTACKS.specs():
     if _spec.target == "classifier" and _spec.name != "finetune":
         attack_app.command(_spec.name)(_make_command(_spec))
+
+
+def run_prompt_attack_command(spec: AttackSpec, *, run: Path, model: Optional[Path], domain: str, source: str,
+                              root: Optional[Path], domains: Optional[str], config: Optional[Path],
+                              overrides: Optional[list[str]], out: Optional[Path], seed: Optional[int],
+                              overwrite: bool, device: str = "auto") -> dict:
+    """What every ``ipshield attack prompt-*`` command does: validate the config, load the domain,
+    the run's CLIP and its prompt model, call ``jobs.attack.attack``, print."""
+    from ipshield import jobs
+    from ipshield.cli.common import split_names
+    from ipshield.config import read_yaml
+    from ipshield.jobs.attack import attack, build_attack_config
+    from ipshield.protect.ipclip_run import load_run
+
+    cfg = build_attack_config(spec, read_yaml(config), overrides, seed)  # a clear error before any data is loaded
+    wanted = list(dict.fromkeys([domain, *(split_names(domains) or [])]))
+    doms = load_source(source, root, ",".join(wanted))
+    d = doms[match_domain(domain, doms)]
+    target = load_run(run, jobs.run_adapter(run, model, device))
+    result = attack(spec.name, target=target, out=out, config=cfg, overwrite=overwrite, domain=d)
+    _echo_result(result)
+    if out is not None:
+        typer.echo(f"run folder: {out}")
+    return result
+
+
+def _make_prompt_command(spec: AttackSpec):
+    def command(
+        run: Path = typer.Option(..., "--run", help="the protected prompt's run folder (`ipshield protect ip-clip` "
+                                                    "or ntl-prompt, coop)"),
+        model: Optional[Path] = typer.Option(None, "--model", help="CLIP checkpoint (default: the one the run was "
+                                                                   "trained on)"),
+        domain: str = DomainOpt,
+        source: str = SourceOpt,
+        root: Optional[Path] = RootOpt,
+        domains: Optional[str] = AttackDomainsOpt,
+        config: Optional[Path] = ConfigOpt,
+        overrides: Optional[list[str]] = SetOpt,
+        out: Optional[Path] = OutOpt,
+        seed: Optional[int] = SeedOpt,
+        overwrite: bool = OverwriteOpt,
+        device: str = typer.Option("auto", "--device", help="auto | cpu | cuda (where the CLIP is loaded)"),
+    ) -> None:
+        run_prompt_attack_command(spec, run=run, model=model, domain=domain, source=source, root=root, domains=domains,
+                                  config=config, overrides=overrides, out=out, seed=seed, overwrite=overwrite,
+                                  device=device)
+
+    command.__doc__ = (f"{spec.description or spec.name}. Budget: {spec.budget}. "
+                       f"Config: {spec.config.__name__ if spec.config else '-'} (--set key=value).")
+    return command
+
+
+for _spec in ATTACKS.specs():
+    if _spec.target == "prompt":
+        attack_app.command(_spec.name)(_make_prompt_command(_spec))
 
 
 @attack_app.command("finetune")

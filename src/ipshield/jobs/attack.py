@@ -4,14 +4,17 @@
   resolves the spec, refuses a target of another kind and unknown or missing inputs, builds the
   config (extra keys and a budget of 0 are ConfigErrors), runs ``spec.run(target, config,
   **inputs)`` and, with ``out``, writes the run folder (``config.yaml``, ``metrics.json`` = the
-  JSON-able part of the result, ``run.json``; an attacked classifier goes to ``out/model``).
+  JSON-able part of the result, ``run.json``; an attacked classifier, or an attacked prompt that
+  can save itself (``prompt-finetune``), goes to ``out/model``). The prompt attacks
+  (``prompt-finetune``, ``prompt-coop``: ``ipshield.attacks.prompt``) take a CLIP prompt model
+  (IP-CLIP, NTL-prompt) as the target and ``domain=``.
 - :func:`cost_to_break`: the ``finetune`` attack at several budgets ``k`` and, optionally, ``shot``,
   on one unauthorized domain (``ipshield attack finetune``), with the honest references: the same
   architecture trained from scratch on the same k images with the same steps (``scratch_k<k>``,
   and the protection margin ``margin_k<k>`` = fine-tuned - from scratch) and, given the
   unprotected model (``reference=``), the same attacks on it (``unprotected_*``).
 - the whole attack suite with its references: ``ipshield.attacks.robust`` (the benchmark's
-  ``digits-robust`` suite).
+  ``digits-robust`` suite; ``prompt_robust`` for a CLIP prompt model).
 """
 
 from __future__ import annotations
