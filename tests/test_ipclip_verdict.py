@@ -214,3 +214,26 @@ def test_authorization_on_demand_switches_and_collapses(small_clip, doms, tmp_pa
     assert float((pred.numpy() == doms[AUTH].test.labels).mean() * 100) == pytest.approx(s[AUTH])
     with pytest.raises(DataError, match="not a domain"):
         jobs.evaluate(out, doms, model=small_clip, authorize=UNSEEN)
+
+
+def test_gate_gives_rejected_images_no_information(small_clip, doms):
+    """[ours] ``gate=true``: an image the verdict rejects gets a uniform class distribution (all-zero
+    logits), so a domain never seen in training (target-free) loses its accuracy too; accepted
+    images keep their prompt's logits exactly."""
+    from ipshield.protect.ipclip import train_ipclip
+
+    cfg = IPCLIPConfig(**TINY, epochs=1, scenario="target-free", gate=True)
+    model = train_ipclip(small_clip, doms[AUTH], [], cfg, verbose=False)
+    assert model.head is not None
+    x_a, x_u = doms[AUTH].test.to_tensor()[:60], doms[UNAUTH].test.to_tensor()[:60]
+    gated_a, gated_u = model.predict_logits(x_a), model.predict_logits(x_u)
+    model.config.gate = False
+    plain_a, plain_u = model.predict_logits(x_a), model.predict_logits(x_u)
+    for gated, plain in ((gated_a, plain_a), (gated_u, plain_u)):
+        zero = (gated == 0).all(1)
+        torch.testing.assert_close(gated[~zero], plain[~zero])  # accepted: unchanged
+        assert not (plain[zero] == 0).all(1).any()  # rejected: really replaced
+    rejected_a, rejected_u = (gated_a == 0).all(1).float().mean(), (gated_u == 0).all(1).float().mean()
+    assert rejected_a <= 0.2 and rejected_u >= 0.8, (rejected_a, rejected_u)  # never-seen inverted images refused
+    with pytest.raises(Exception, match="gate=true needs"):
+        IPCLIPConfig(**TINY, gate=True, verdict=False).check()

@@ -24,6 +24,7 @@ import html
 import io
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -535,6 +536,13 @@ def render_html(data: dict[str, Any], watermark: dict | None = None, watermark_p
                 + _img(plot_embedding(emb), "embedding map"))
         section("embedding", "Embedding map", body)
 
+    if data.get("robust_reports"):
+        links = "".join(f'<li><a href="{_e(r)}">{_e(r)}</a></li>' for r in data["robust_reports"])
+        section("attack-suite", "Attack suite",
+                "<p>Every attack and k against each protection, with the unprotected model and training from scratch "
+                "as references (accuracy against k, margins, radar charts): written next to this report.</p>"
+                f"<ul>{links}</ul>")
+
     if rows:
         agg = aggregate(rows, ("authorized", "unauthorized", "method"))
         order = {m: i for i, m in enumerate(_methods(rows))}
@@ -557,10 +565,12 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, watermark_r
     wm = load_watermark(watermark_run) if watermark_run else None
     out = Path(out) if out else Path(run_dir) / "report.html"
     out.parent.mkdir(parents=True, exist_ok=True)
+    robust = write_robust_reports(run_dir)
+    if robust:  # linked from the report, relative to where it is written
+        data = {**data, "robust_reports": [os.path.relpath(p, out.parent) for p in robust]}
     tmp = out.with_suffix(out.suffix + ".tmp")
     tmp.write_text(render_html(data, wm, str(watermark_run) if watermark_run else None), encoding="utf-8")
     tmp.replace(out)
-    write_robust_reports(run_dir)
     return out
 
 

@@ -323,7 +323,9 @@ def _digits_cell(cell: Cell) -> dict:
 
 
 def _attack_dict(a: dict, bench) -> dict:
-    out = {k: v for k, v in a.items() if k.startswith("finetune_k") or k in ("shot", "acc_u_source", "acc_u_protected")}
+    # every attack's figure (the classic cost to break, and with the robust suite each attack, its
+    # from-scratch reference and margin); the row's identity is the cell's own
+    out = {k: v for k, v in a.items() if k not in ("method", "authorized", "unauthorized", "seconds", "seed", "cell")}
     out["attack_steps"] = bench.cfg.attack_steps
     out["shot_steps"] = bench.cfg.shot_steps
     return out

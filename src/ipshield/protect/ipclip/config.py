@@ -141,6 +141,11 @@ class IPCLIPConfig(BaseConfig):
     verdict_feature: Literal["auto", "style", "feature"] = "auto"
     #: the head's score: auto (chosen on held-out images) | gaussian | contrast | logistic
     verdict_score: Literal["auto", "gaussian", "contrast", "logistic"] = "auto"
+    #: [ours] gate the predictions with the verdict: an image the head rejects gets a uniform class
+    #: distribution (no information; its top-1 is the first class) instead of its prompt's
+    #: prediction. What restricts domains never seen in training (target-free); pair it with a
+    #: higher ``verdict_accept`` (e.g. 0.99) to keep the authorized accuracy
+    gate: bool = False
     #: [ours] authorization on demand: train once on the authorized AND unauthorized domains
     #: (target-specified) so the owner picks the authorized ones at deployment (``--authorize``);
     #: use lr=0.002 (at the spec's 0.01 the per-image prompts can fall into the uniform point)
@@ -182,6 +187,9 @@ class IPCLIPConfig(BaseConfig):
             raise ConfigError(f"the verdict needs verdict_size >= 4, verdict_dims >= 1 and 0 < verdict_accept < 1 (got "
                               f"{self.verdict_size}, {self.verdict_dims}, {self.verdict_accept})",
                               "set e.g. verdict_size=300 verdict_dims=16 verdict_accept=0.95")
+        if self.gate and (not self.verdict or self.switchable):
+            raise ConfigError("gate=true needs the verdict's head (verdict=true) and a fixed authorized domain (a "
+                              "switchable run gates by itself)", "set verdict=true, or gate=false")
         if self.switchable and (self.scenario != "target-specified" or not self.verdict or self.select_best):
             raise ConfigError("switchable needs the target-specified scenario (every trained domain labelled) and "
                               "verdict=true (and no select_best)", "use --scenario target-specified with --unauthorized D2[,D3]")

@@ -303,7 +303,12 @@ class IPCLIP(nn.Module):
             for s in range(0, len(stats), bs):
                 part = stats.index(torch.arange(s, min(len(stats), s + bs)))
                 text, _ = self.text_features(part)
-                out.append(self.class_logits(part.features, text))
+                logits = self.class_logits(part.features, text)
+                head = getattr(self, "head", None)
+                if self.config.gate and head is not None:  # [ours] rejected images: no information
+                    accepted = (head.margin(part.to("cpu")) >= 0).to(logits.device)
+                    logits = torch.where(accepted[:, None], logits, torch.zeros_like(logits))
+                out.append(logits)
         return torch.cat(out) if out else torch.zeros(0, len(self.classes))
 
     @torch.no_grad()
