@@ -387,7 +387,7 @@ def test_defaults_are_the_measured_recipe_and_explicit_keys_win():
     assert over.lr == 0.005 and over.select_best is False and over.clip_per_sample is True
     tf = IPCLIPConfig(scenario="target-free")  # short, selected on authorized images, gated by the verdict
     assert (tf.lr, tf.epochs, tf.select_best, tf.select_max_unauthorized, tf.gate, tf.verdict_accept) == \
-        (0.01, 10, True, 100.0, True, 0.998)
+        (0.001, 10, True, 100.0, True, 0.998)
     assert IPCLIPConfig(scenario="target-free", verdict=False).gate is False
     own = IPCLIPConfig(scenario="ownership")
     assert (own.lr, own.select_best, own.gate, own.max_train) == (0.01, False, False, 2000)
