@@ -11,7 +11,7 @@ IPS=${IPS:-.venv/bin/ipshield}
 PY=${PY:-.venv/bin/python}
 # same training-set size for IP-CLIP and its CoOp reference; no random crop (cached features)
 M=(); [[ -n ${MODEL:-} ]] && M=(--model "$MODEL")
-COMMON=("${M[@]}" --device cpu --set epochs=10 --set max_train=500 --set augment=false --coop-set max_train=500)
+COMMON=("${M[@]}" --device cpu --set recipe=spec --set epochs=10 --set max_train=500 --set augment=false --coop-set max_train=500)
 what=${1:-all}
 
 if [[ $what == synthetic || $what == all ]]; then
@@ -36,7 +36,7 @@ if [[ $what == digits-recipe || $what == all ]]; then
   # [ours] the recommended digits recipe (docs/ipclip.md, "Digits recipe"): the spec's 50 epochs,
   # lr 0.001, L_self off, the cross-entropy terms clipped per sample at 3 (not the batch mean at 5)
   D=(--source digits --root "$DIGITS")
-  R=("${M[@]}" --device cpu --set max_train=500 --set augment=false --coop-set max_train=500 --set epochs=50
+  R=("${M[@]}" --device cpu --set recipe=spec --set max_train=500 --set augment=false --coop-set max_train=500 --set epochs=50
      --set lr=0.001 --set w_self=0 --set clip_per_sample=true --set clip_value=3)
   for S in 0 1 2; do
     $IPS protect ip-clip "${D[@]}" --authorized mnist --unauthorized usps,mnistm --out $OUT/dig-ts-recipe-s$S "${R[@]}" --set seed=$S
@@ -55,7 +55,7 @@ if [[ $what == digits-recipe || $what == all ]]; then
 fi
 if [[ $what == ablation || $what == all ]]; then
   $IPS ablation ip-clip --authorized clean --unauthorized inverted --domains clean,inverted,color \
-    --out $OUT/syn-ablation "${M[@]}" --device cpu --set epochs=10 --set max_train=400 --set augment=false --coop-set max_train=400
+    --out $OUT/syn-ablation "${M[@]}" --device cpu --set recipe=spec --set epochs=10 --set max_train=400 --set augment=false --coop-set max_train=400
 fi
 if [[ $what == speed || $what == all ]]; then
   $PY benchmarks/bench_ipclip.py ${MODEL:+--model "$MODEL"} --threads 1 --json $OUT/speed.json
