@@ -391,7 +391,10 @@ def test_defaults_are_the_measured_recipe_and_explicit_keys_win():
     assert IPCLIPConfig(scenario="target-free", verdict=False).gate is False
     own = IPCLIPConfig(scenario="ownership")
     assert (own.lr, own.select_best, own.gate, own.max_train) == (0.01, False, False, 2000)
-    assert IPCLIPConfig(switchable=True).select_best is False  # a switchable run keeps its last epoch
+    sw = IPCLIPConfig(switchable=True)
+    assert sw.select_best is False and sw.verdict_accept == 0.99  # keeps its last epoch; its gate accepts 99 %
+    assert IPCLIPConfig(switchable=True, verdict_accept=0.95).verdict_accept == 0.95
+    assert IPCLIPConfig(recipe="spec", switchable=True).verdict_accept == 0.95
     assert IPCLIPConfig.build(c.to_dict()) == c and IPCLIPConfig.build(spec.to_dict()) == spec
     with pytest.raises(ConfigError):
         IPCLIPConfig.build({"recipe": "paper"})
