@@ -125,21 +125,18 @@ def run_one(name: str, model, unauthorized: Domain, authorized: Domain | None, c
     return dict(spec.run(model, config, **inputs))
 
 
-def attack_grid(model, unauthorized: Domain, authorized: Domain | None, attacks: Sequence[str], ks: Sequence[int],
-                options: Mapping[str, Mapping[str, Any]] | None = None, seed: int = 0, n_test: int | None = None,
-                acc_before: float | None = None, log=None) -> dict[str, Any]:
-    """Unauthorized accuracy after every attack (and every k of the k-attacks): ``{result_key: acc}``;
-    a k larger than the domain's training images gives None (listed under ``skipped``)."""
-    options = options or {}
+def _run_grid(cells, unauthorized: Domain, configure, execute, acc_before: float | None, log) -> dict[str, Any]:
+    """The one loop of every attack grid: for each (attack, k) of ``cells`` the config
+    (``configure(name, k)``) and the result (``execute(name, config, acc_before)``); a k larger than
+    the domain's training images gives None (listed under ``skipped``)."""
     out: dict[str, Any] = {}
     skipped = []
-    for name, k in grid_keys(check_attacks(attacks), ks):
+    for name, k in cells:
         if k is not None and k > len(unauthorized.train):
             out[result_key(name, k)] = None
             skipped.append(result_key(name, k))
             continue
-        cfg = attack_config(name, options.get(name, {}), seed, n_test, k)
-        r = run_one(name, model, unauthorized, authorized, cfg, acc_before)
+        r = execute(name, configure(name, k), acc_before)
         acc_before = r.get("acc_before", acc_before)
         out[result_key(name, k)] = r["acc_after"]
         if "queries" in r:
@@ -150,6 +147,18 @@ def attack_grid(model, unauthorized: Domain, authorized: Domain | None, attacks:
     if skipped:
         out["skipped"] = skipped
     return out
+
+
+def attack_grid(model, unauthorized: Domain, authorized: Domain | None, attacks: Sequence[str], ks: Sequence[int],
+                options: Mapping[str, Mapping[str, Any]] | None = None, seed: int = 0, n_test: int | None = None,
+                acc_before: float | None = None, log=None) -> dict[str, Any]:
+    """Unauthorized accuracy after every attack (and every k of the k-attacks): ``{result_key: acc}``;
+    a k larger than the domain's training images gives None (listed under ``skipped``)."""
+    options = options or {}
+    return _run_grid(grid_keys(check_attacks(attacks), ks), unauthorized,
+                     lambda name, k: attack_config(name, options.get(name, {}), seed, n_test, k),
+                     lambda name, cfg, before: run_one(name, model, unauthorized, authorized, cfg, before),
+                     acc_before, log)
 
 
 def scratch_grid(model, unauthorized: Domain, authorized: Domain | None, attacks: Sequence[str], ks: Sequence[int],
@@ -301,26 +310,15 @@ def prompt_attack_grid(model, unauthorized: Domain, attacks: Sequence[str], ks: 
 
     own = {"prompt-finetune": prompt.prompt_finetune_attack, "prompt-coop": prompt.prompt_coop_attack}
     options = options or {}
-    out: dict[str, Any] = {}
-    skipped = []
-    for name, k in grid_keys(check_prompt_attacks(attacks), ks):
-        if k is not None and k > len(unauthorized.train):
-            out[result_key(name, k)] = None
-            skipped.append(result_key(name, k))
-            continue
-        cfg = _prompt_config(name, options.get(name, {}), seed, n_test, k)
+
+    def execute(name: str, cfg, before: float | None) -> dict:
         if name in own:
-            r = own[name](model, unauthorized, cfg, acc_before=acc_before)
-        else:
-            r = dict(ATTACKS.get(name).run(model, cfg, domain=unauthorized))
-        acc_before = r.get("acc_before", acc_before)
-        out[result_key(name, k)] = r["acc_after"]
-        if log:
-            log(f"  {result_key(name, k)}: {r['acc_after']:.1f} ({r.get('seconds', 0):.0f}s)")
-    out["acc_before"] = acc_before
-    if skipped:
-        out["skipped"] = skipped
-    return out
+            return own[name](model, unauthorized, cfg, acc_before=before)
+        return dict(ATTACKS.get(name).run(model, cfg, domain=unauthorized))
+
+    return _run_grid(grid_keys(check_prompt_attacks(attacks), ks), unauthorized,
+                     lambda name, k: _prompt_config(name, options.get(name, {}), seed, n_test, k), execute,
+                     acc_before, log)
 
 
 def prompt_scratch_grid(adapter, unauthorized: Domain, attacks: Sequence[str], ks: Sequence[int],
