@@ -26,7 +26,6 @@ disguised pipeline (translator, then the untouched protected model).
 
 from __future__ import annotations
 
-import copy
 import time
 from typing import Any, ClassVar, Literal, Mapping
 
@@ -35,11 +34,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import Field
 
-from ipshield.attacks.domain import AttackConfig, _check_domain, _eval, as_config, check_target
-from ipshield.attacks.sourcedata import fraction_count, require_authorized
+from ipshield.attacks.domain import AttackConfig, _eval
+from ipshield.attacks.sourcedata import frozen_copy, source_attack_setup
 from ipshield.data.domain import Domain
 from ipshield.registry import ATTACKS
-from ipshield.utils import progress, resolve_device, seed_everything
+from ipshield.utils import progress
 
 
 class DisguiseConfig(AttackConfig):
@@ -136,17 +135,10 @@ def disguise_attack(model: nn.Module, domain: Domain, authorized: Domain | None,
     from ipshield.protect.restrict import train_tensors
 
     name = "disguise"
-    cfg = as_config(DisguiseConfig, config, overrides)
-    check_target(name, "classifier", model)
-    _check_domain(name, domain)
-    authorized = require_authorized(name, authorized)
-    n_auth = fraction_count(name, cfg.fraction, authorized)
     t0 = time.time()
-    g = seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
-    target = copy.deepcopy(model).to(device).eval()  # the attacker's black box; the caller's model is never touched
-    for p in target.parameters():
-        p.requires_grad_(False)
+    cfg, authorized, n_auth, g, device = source_attack_setup(name, DisguiseConfig, model, domain, authorized, config,
+                                                             overrides)
+    target = frozen_copy(model, device)  # the attacker's black box; the caller's model is never touched
     if acc_before is None:
         acc_before = _eval(target, domain, cfg)
     xa, _ = train_tensors(authorized, n_auth, cfg.image_size, cfg.seed)  # labels never used

@@ -96,6 +96,26 @@ class TransNTLConfig(AttackConfig):
     device: Literal["auto", "cpu", "cuda"] = "cpu"
 
 
+def source_attack_setup(name: str, config_cls, model, domain, authorized, config, overrides):
+    """The common start of an attack on the attacker's share of the authorized images: the config,
+    the checks (a classifier, a Domain, authorized images), the image count, the seeded generator
+    and the device. Returns (config, authorized, n, generator, device)."""
+    cfg = as_config(config_cls, config, overrides)
+    check_target(name, "classifier", model)
+    _check_domain(name, domain)
+    authorized = require_authorized(name, authorized)
+    n = fraction_count(name, cfg.fraction, authorized)
+    return cfg, authorized, n, seed_everything(cfg.seed), resolve_device(cfg.device)
+
+
+def frozen_copy(model: nn.Module, device) -> nn.Module:
+    """A copy of ``model`` on ``device`` in eval mode with no gradient (the caller's model is untouched)."""
+    out = copy.deepcopy(model).to(device).eval()
+    for p in out.parameters():
+        p.requires_grad_(False)
+    return out
+
+
 def source_finetune_attack(model: nn.Module, domain: Domain, authorized: Domain | None,
                            config: SourceFinetuneConfig | Mapping[str, Any] | None = None, *,
                            acc_before: float | None = None, **overrides: Any) -> dict[str, Any]:
@@ -104,14 +124,9 @@ def source_finetune_attack(model: nn.Module, domain: Domain, authorized: Domain 
     from ipshield.protect.restrict import train_tensors
 
     name = "source-finetune"
-    cfg = as_config(SourceFinetuneConfig, config, overrides)
-    check_target(name, "classifier", model)
-    _check_domain(name, domain)
-    authorized = require_authorized(name, authorized)
-    n = fraction_count(name, cfg.fraction, authorized)
     t0 = time.time()
-    g = seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    cfg, authorized, n, g, device = source_attack_setup(name, SourceFinetuneConfig, model, domain, authorized, config,
+                                                        overrides)
     if acc_before is None:
         acc_before = _eval(model, domain, cfg)
     x, y = train_tensors(authorized, n, cfg.image_size, cfg.seed)
@@ -153,20 +168,12 @@ def transntl_attack(model: nn.Module, domain: Domain, authorized: Domain | None,
     from ipshield.protect.restrict import train_tensors
 
     name = "transntl"
-    cfg = as_config(TransNTLConfig, config, overrides)
-    check_target(name, "classifier", model)
-    _check_domain(name, domain)
-    authorized = require_authorized(name, authorized)
-    n = fraction_count(name, cfg.fraction, authorized)
     t0 = time.time()
-    g = seed_everything(cfg.seed)
-    device = resolve_device(cfg.device)
+    cfg, authorized, n, g, device = source_attack_setup(name, TransNTLConfig, model, domain, authorized, config, overrides)
     if acc_before is None:
         acc_before = _eval(model, domain, cfg)
     x, _ = train_tensors(authorized, n, cfg.image_size, cfg.seed)  # labels never used
-    teacher = copy.deepcopy(model).to(device).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    teacher = frozen_copy(model, device)
     attacked = copy.deepcopy(model).to(device)
     for p in attacked.parameters():
         p.requires_grad_(True)
