@@ -143,6 +143,13 @@ def test_bad_inputs_are_clear_errors(protected, doms, small_clip):
         attack("prompt-finetune", target=ZeroShotClassifier(small_clip, doms[UNAUTH].classes), domain=doms[UNAUTH])
     with pytest.raises(IPShieldError, match="needs the input"):
         attack("prompt-coop", target=protected)
+    from ipshield.protect.ipclip import IPCLIPConfig, SwitchableIPCLIP
+
+    switchable = SwitchableIPCLIP(small_clip, doms[UNAUTH].classes, IPCLIPConfig(**FAST))
+    for name in ATTACK_NAMES:  # only its deployment gate restricts it: re-learning a prompt measures nothing
+        with pytest.raises(IPShieldError, match="does not apply to a switchable IP-CLIP") as exc:
+            attack(name, target=switchable, domain=doms[UNAUTH])
+        assert "server-side" in exc.value.fix
 
 
 def test_cli_attacks_a_saved_ip_clip_run(protected, small_clip_dir, tmp_path, capsys):

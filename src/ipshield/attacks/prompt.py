@@ -96,9 +96,14 @@ def _prompt_kind(name: str, model: Any) -> str:
     from ipshield.protect.ipclip import IPCLIP, SwitchableIPCLIP
 
     if isinstance(model, SwitchableIPCLIP):
-        raise IPShieldError(f"attack '{name}' does not take a switchable IP-CLIP (authorization on demand) yet",
-                            "attack a target-specified, ownership, target-free or authorization IP-CLIP run, "
-                            "or an NTL-prompt / CoOp prompt")
+        # [ours] its per-image prompts classify every trained domain by design; what restricts it is
+        # the authorization head's gate, which a thief holding the weights simply drops (no labels
+        # needed), so re-learning the prompt measures nothing about it
+        raise IPShieldError(f"attack '{name}' does not apply to a switchable IP-CLIP (authorization on demand): its "
+                            "prompts classify every trained domain and only the deployment gate restricts it, which a "
+                            "thief holding the weights removes without any labels",
+                            "protect against weight theft with a target-specified, target-free or authorization IP-CLIP "
+                            "(attack that run), or an NTL-prompt / CoOp prompt; keep a switchable model server-side")
     if isinstance(model, IPCLIP):
         return "ip-clip"
     if isinstance(model, CoOpModel):

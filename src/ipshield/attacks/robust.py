@@ -346,24 +346,31 @@ def prompt_scratch_grid(adapter, unauthorized: Domain, attacks: Sequence[str], k
 def prompt_robust(model, unauthorized: Domain, *, attacks: Sequence[str] | None = None, ks: Sequence[int] = (10,),
                   authorized: Domain | None = None, reference=None, coop_options: Mapping[str, Any] | None = None,
                   options: Mapping[str, Mapping[str, Any]] | None = None, seed: int = 0, n_test: int | None = None,
-                  method: str = "protected", log=None) -> dict[str, Any]:
+                  method: str = "protected", log=None, unprotected: Mapping[str, Any] | None = None,
+                  refs: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The attack suite on one protected CLIP prompt model with its references and the rows of the
     robust tables: ``{"grid", "unprotected" (or None), "refs", "rows", "labels"}``.
 
     ``reference``: the unprotected prompt model (CoOp trained on the authorized domain); without
     it and with ``authorized`` one is trained (``CoOpConfig`` + ``coop_options``, on the CLIP's
-    device). Each is attacked the same way; with neither, the unprotected columns are None."""
+    device). Each is attacked the same way; with neither, the unprotected columns are None.
+    ``unprotected`` / ``refs``: the ``"unprotected"`` / ``"refs"`` of an earlier call with the same
+    attacks, ks, options, seed, n_test, unauthorized domain and reference, reused instead of
+    recomputed (a benchmark attacks several protections of one pair against one reference)."""
     attacks = check_prompt_attacks(list(attacks) if attacks is not None else prompt_attacks())
     adapter = model.adapter
     grid = prompt_attack_grid(model, unauthorized, attacks, ks, options, seed, n_test, log=log)
-    if reference is None and authorized is not None:
-        from ipshield.protect.coop import CoOpConfig, train_coop
+    if unprotected is not None:
+        source = dict(unprotected)
+    else:
+        if reference is None and authorized is not None:
+            from ipshield.protect.coop import CoOpConfig, train_coop
 
-        cfg = CoOpConfig.build({"device": adapter.device.type, "seed": seed, **dict(coop_options or {})})
-        reference = train_coop(adapter, authorized, cfg, verbose=False)
-    source = prompt_attack_grid(reference, unauthorized, attacks, ks, options, seed, n_test) if reference is not None \
-        else None
-    refs = prompt_scratch_grid(adapter, unauthorized, attacks, ks, options, seed, n_test)
+            cfg = CoOpConfig.build({"device": adapter.device.type, "seed": seed, **dict(coop_options or {})})
+            reference = train_coop(adapter, authorized, cfg, verbose=False)
+        source = prompt_attack_grid(reference, unauthorized, attacks, ks, options, seed, n_test) \
+            if reference is not None else None
+    refs = dict(refs) if refs is not None else prompt_scratch_grid(adapter, unauthorized, attacks, ks, options, seed, n_test)
     row = {**grid, "method": method, "authorized": authorized.name if authorized is not None else None,
            "unauthorized": unauthorized.name, "seed": seed, "acc_u_protected": grid["acc_before"],
            "acc_u_source": source["acc_before"] if source else None}

@@ -99,6 +99,10 @@ class DigitsBenchConfig(BaseConfig):
     data: dict[str, Any] = {}
     #: extra config overrides per method, e.g. {"sa-map": {"kl_cap": 8}}
     method_options: dict[str, dict[str, Any]] = {}
+    #: method variants: a label of ``methods`` -> the registered method it runs, e.g.
+    #: {"sa-map-nft": "sa-map"}; the variant gets ``method_options`` of that method, then its own
+    #: (``method_options["sa-map-nft"]``), and its own rows, cells and attacks
+    variants: dict[str, str] = {}
     #: also run the ownership scenario (grid watermark on the authorized domain) once per source
     #: domain and method (ntl-tf excluded: its target is generated, the watermark is known)
     ownership: bool = False
@@ -120,6 +124,13 @@ class DigitsBenchConfig(BaseConfig):
                     method_options={m: {"score_init": 0.05} for m in ("sa-map", "sf-map", "df-map")})
         base.update(kw)
         return cls.build(base)
+
+
+def _config_digest(cfg: Any) -> str:
+    """What a protection cell's result depends on in its method's config (every field, defaults too)."""
+    import hashlib
+
+    return hashlib.sha1(json.dumps(cfg.to_dict(), sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
 def parse_pairs(text: str | None, domains: Sequence[str] | None = None) -> list[tuple[str, str]] | None:
@@ -238,8 +249,8 @@ class DigitsBench:
         self.root = root
         self.log = log
         for m in config.methods:
-            if m not in classifier_methods():
-                raise ConfigError(f"unknown benchmark method '{m}'", f"choose among {', '.join(classifier_methods())}")
+            if self.base(m) not in classifier_methods():
+                raise ConfigError(f"unknown benchmark method '{self.base(m)}'", f"choose among {', '.join(classifier_methods())}")
         if config.robust:
             from ipshield.attacks.robust import check_attacks
 
@@ -247,6 +258,10 @@ class DigitsBench:
         self.computed: list[str] = []  # cells computed in this call (the rest were reused)
         self._domains = None
         self._sources: dict[str, Any] = {}
+
+    def base(self, method: str) -> str:
+        """The registered method a method label runs (itself, or the one ``variants`` names)."""
+        return self.cfg.variants.get(method, method)
 
     # ------------------------------------------------------------------ data and sources
     @property
@@ -315,17 +330,39 @@ class DigitsBench:
         from ipshield.registry import METHODS
 
         c = self.cfg
+        base = self.base(method)
         data: dict[str, Any] = {"seed": c.seed, "n_train": c.n_train, "n_test": c.n_test}
         if c.steps is not None:
             data["steps"] = c.steps
-        if method.endswith("map"):
+        if base.endswith("map"):
             data["n_pseudo"] = c.n_pseudo
             if c.gen_steps is not None:
                 data["gen_steps"] = c.gen_steps
-        data.update(c.method_options.get(method, {}))
-        return METHODS.get(method).make_config(data)
+        data.update(c.method_options.get(base, {}))
+        if method != base:
+            data.update(c.method_options.get(method, {}))
+        return METHODS.get(base).make_config(data)
 
     # ------------------------------------------------------------------ cells
+    def _drop_if_stale(self, key: str, digest: str, method: str, src: str, tgt: str) -> None:
+        """A saved protection cell made with another config (a changed default or option) is removed,
+        with the attack cells on its model, so that it is computed again (cells saved before the
+        digest was recorded are kept)."""
+        path = self.out / "cells" / f"{key}.json"
+        if not path.is_file():
+            return
+        try:
+            saved = json.loads(path.read_text()).get("config_digest")
+        except json.JSONDecodeError:
+            saved = None
+        if saved is None or saved == digest:
+            return
+        self.log(f"{key}: the method's config changed since this cell was computed; computing it again")
+        path.unlink()
+        for old in [*(self.out / "cells").glob(f"robust__{_slug(method)}__{src}__{tgt}__*.json"),
+                    self.out / "cells" / f"attack__{method}__{src}__{tgt}.json"]:
+            old.unlink(missing_ok=True)
+
     def _cell(self, key: str, fn: Callable[[], dict]) -> dict:
         path = self.out / "cells" / f"{key}.json"
         if path.is_file():
@@ -343,23 +380,27 @@ class DigitsBench:
         from ipshield.registry import METHODS
 
         targets = [tgt]
+        base = self.base(method)
         key = f"{method}__{src}__{tgt}"
-        if "unauthorized" not in METHODS.get(method).data:  # no unauthorized data: one run per source, evaluated on every target
+        if "unauthorized" not in METHODS.get(base).data:  # no unauthorized data: one run per source, evaluated on every target
             targets = self._order(b for a, b in self.cfg.pairs if a == src)
             key = f"{method}__{src}__{'+'.join(targets)}"
+
+        cfg = self.method_config(method)
+        digest = _config_digest(cfg)
+        self._drop_if_stale(key, digest, method, src, tgt)
 
         def compute() -> dict:
             from ipshield import jobs
 
-            cfg = self.method_config(method)
             kw = {}
-            if method in ("sf-map", "df-map"):
+            if base in ("sf-map", "df-map"):
                 kw["pseudo_source"] = self.pseudo_source(src)
-            metrics = jobs.protect(method, domains={d: self.domains[d] for d in (src, *targets)}, authorized=src,
+            metrics = jobs.protect(base, domains={d: self.domains[d] for d in (src, *targets)}, authorized=src,
                                    unauthorized=targets, out=self.out / "models" / key, model=self.source(src),
                                    config=cfg, options=kw, overwrite=True, verbose=False)
             metrics.pop("history", None)
-            return {"cell": key, "model_dir": str(Path("models") / key), **metrics}
+            return {"cell": key, "model_dir": str(Path("models") / key), "config_digest": digest, **metrics}
 
         result = self._cell(key, compute)
         s = result["summary"]
@@ -386,8 +427,8 @@ class DigitsBench:
             from ipshield import jobs
 
             cfg = self.method_config(method)
-            kw = {"pseudo_source": self.pseudo_source(src)} if method in ("sf-map", "df-map") else {}
-            metrics = jobs.protect(method, domains={src: self.domains[src]}, authorized=src, out=self.out / "models" / key,
+            kw = {"pseudo_source": self.pseudo_source(src)} if self.base(method) in ("sf-map", "df-map") else {}
+            metrics = jobs.protect(self.base(method), domains={src: self.domains[src]}, authorized=src, out=self.out / "models" / key,
                                    model=self.source(src), config=cfg, scenario="ownership", options=kw, overwrite=True,
                                    verbose=False)
             metrics.pop("history", None)
@@ -545,7 +586,7 @@ class DigitsBench:
         for method in self.cfg.methods:
             targets = [tgt]
             key = f"{method}__{src}__{tgt}"
-            if "unauthorized" not in METHODS.get(method).data:
+            if "unauthorized" not in METHODS.get(self.base(method)).data:
                 targets = self._order(b for a, b in self.cfg.pairs if a == src)
                 key = f"{method}__{src}__{'+'.join(targets)}"
             path = self.out / "cells" / f"{key}.json"

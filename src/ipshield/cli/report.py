@@ -50,8 +50,11 @@ def bench_run(
     cfg = resolve_suite(suite, overrides)
     out = out or Path("runs") / f"bench-{cfg.name}"
     res = run_suite(cfg, out, show_progress=not quiet, verbose=verbose, report=not no_report, watermark_run=watermark_run)
-    typer.echo(f"{len(res.computed)} cells computed now, {len(res.reused)} reused ({res.seconds:.0f}s); "
-               f"tables: {out / 'results.md'}" + (f"; report: {res.report}" if res.report else ""))
+    attacked = f" ({len(res.attacked)} with their prompt attacks redone)" if res.attacked else ""
+    robust = out / "prompt-robust" / "robust.md"
+    typer.echo(f"{len(res.computed)} cells computed now, {len(res.reused)} reused{attacked} ({res.seconds:.0f}s); "
+               f"tables: {out / 'results.md'}" + (f", {robust}" if robust.is_file() else "")
+               + (f"; report: {res.report}" if res.report else ""))
     if res.failed:
         typer.secho(f"{len(res.failed)} cell(s) failed: {', '.join(res.failed)}; rerun the same command to retry them",
                     fg=typer.colors.RED, err=True)

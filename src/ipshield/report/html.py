@@ -576,9 +576,11 @@ def write_report(run_dir: str | Path, out: str | Path | None = None, watermark_r
 
 def write_robust_reports(run_dir: str | Path) -> list[Path]:
     """robust.html (accuracy against k with the references, radar charts) next to every attack-suite
-    result (robust.json) of a benchmark folder: the folder itself and its shared cells."""
+    result (robust.json) of a benchmark folder: the folder itself, its shared cells and a suite's
+    prompt attacks (``prompt-robust/``)."""
     from ipshield.report.tables import write_robust_report
 
     run_dir = Path(run_dir)
-    found = [p for p in [run_dir / "robust.json", *sorted(run_dir.glob("shared/*/robust.json"))] if p.is_file()]
+    found = [p for p in [run_dir / "robust.json", *sorted(run_dir.glob("shared/*/robust.json")),
+                         run_dir / "prompt-robust" / "robust.json"] if p.is_file()]
     return [write_robust_report(p.parent) for p in found]

@@ -67,13 +67,18 @@ def robust_html(data: dict) -> str:
 
     rows, labels, meta = data.get("rows", []), data.get("labels", []), data.get("meta", {})
     e = _html.escape
-    parts = [f"<h1>Attack suite and honest references (seed {e(str(meta.get('seed')))})</h1>",
+    title = "Prompt attacks and honest references" if meta.get("target") == "prompt" else "Attack suite and honest references"
+    parts = [f"<h1>{title} (seed {e(str(meta.get('seed')))})</h1>"]
+    if meta.get("about"):  # the page's own account of its references (the prompt attacks of a suite)
+        parts.append(f"<p>{e(str(meta['about']))}</p>")
+    else:
+        parts.append(
              "<p>Unauthorized test accuracy (%) after each attack, named as in the registry, the CLI and the API. "
              "<b>unprotected</b>: the unprotected source model under the same attack and budget; <b>scratch</b>: the same "
              "architecture trained from random weights on the same labelled images with the same steps (k-attacks: the k "
              "unauthorized images; attacks on a share of authorized images: that share, labelled; unlabelled attacks: "
              "chance); <b>margin</b> = protected attacked - scratch: at or below 0 the protection leaves the attacker no "
-             "better off than starting over.</p>"]
+             "better off than starting over.</p>")
     for title, fig in (("Accuracy against k", accuracy_vs_k(rows)), ("One radar chart per method", radar_charts(rows))):
         b64 = figure_png_base64(fig)
         if b64:

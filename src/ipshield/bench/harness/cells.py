@@ -78,6 +78,9 @@ class Cell:
     ctx: "SuiteContext"
     embedding_map: bool = False
     key: str = ""
+    #: the definition hash of the suite's prompt attacks when this cell's trained prompt is attacked
+    #: (see :func:`prompt_attack_hash`); None: not attacked
+    attack_hash: str | None = None
 
     def method_config(self, cls: type[BaseConfig], **defaults: Any) -> Any:
         """The method's config class built from ``defaults`` < the suite's overrides < the seed."""
@@ -101,6 +104,7 @@ class SuiteContext:
         self._adapter = None
         self._coop: dict[tuple, Any] = {}
         self._digits: dict[int, Any] = {}
+        self._prompt_refs: dict[Path, dict] = {}
 
     @property
     def domains(self):
@@ -159,6 +163,37 @@ class SuiteContext:
         self._coop[key] = model
         return model
 
+    def _prompt_refs_path(self, authorized: str, unauthorized: str, seed: int) -> Path:
+        pa = self.suite.prompt_attacks
+        key = json.dumps({"coop": self.coop_config(seed).to_dict(), "attacks": pa.to_dict() if pa else None,
+                          "model": self.suite.model, "preset": self.suite.clip_preset, "source": self.suite.source,
+                          "data": self.suite.data}, sort_keys=True, default=str)
+        digest = hashlib.sha1(key.encode()).hexdigest()[:8]
+        return self.out / "shared" / "prompt-refs" / f"{_slug(authorized)}__{_slug(unauthorized)}__s{seed}-{digest}.json"
+
+    def prompt_references(self, authorized: str, unauthorized: str, seed: int) -> dict | None:
+        """The references of the prompt attacks on one pair and seed (the suite's CoOp under the same
+        attacks, and the zero-shot / from-scratch references: ``{"unprotected", "refs"}``), once
+        computed by an attacked cell (saved under shared/prompt-refs/); None before."""
+        path = self._prompt_refs_path(authorized, unauthorized, seed)
+        if path not in self._prompt_refs and path.is_file():
+            try:
+                self._prompt_refs[path] = json.loads(path.read_text())
+            except json.JSONDecodeError:
+                return None
+        return self._prompt_refs.get(path)
+
+    def save_prompt_references(self, authorized: str, unauthorized: str, seed: int, unprotected: dict | None,
+                               refs: dict) -> None:
+        from ipshield.runs import write_json
+
+        path = self._prompt_refs_path(authorized, unauthorized, seed)
+        data = {"authorized": authorized, "unauthorized": unauthorized, "seed": seed, "unprotected": unprotected,
+                "refs": refs}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, data)
+        self._prompt_refs[path] = data
+
     def digits_bench(self, seed: int):
         """The ``DigitsBench`` of this seed (sources, pseudo-source data and its cells are cached)."""
         if seed not in self._digits:
@@ -168,13 +203,20 @@ class SuiteContext:
 
             opts = dict(self.suite.digits)
             root = opts.pop("root", None) or self.suite.data.get("root")
-            methods = [m.runner_name for m in self.suite.methods if m.runner_name in ALL_METHODS]
+            # the classifier methods read the suite's data source unless ``digits:`` names its own
+            opts.setdefault("source", self.suite.source)
+            opts.setdefault("data", {k: v for k, v in self.suite.data.items() if k != "root"})
+            # a renamed entry (its own name, a classifier method as runner) is a variant of the bench
+            entries = [m for m in self.suite.methods if m.runner_name in ALL_METHODS]
+            methods = [m.name for m in entries]
+            variants = {**opts.pop("variants", {}), **{m.name: m.runner_name for m in entries if m.name != m.runner_name}}
             method_options = dict(opts.pop("method_options", {}))
-            for m in self.suite.methods:
-                if m.runner_name in ALL_METHODS and m.config:
-                    method_options[m.runner_name] = {**method_options.get(m.runner_name, {}), **m.config}
+            for m in entries:
+                if m.config:
+                    method_options[m.name] = {**method_options.get(m.name, {}), **m.config}
             cfg = DigitsBenchConfig.build({**opts, "pairs": [list(p) for p in self.suite.pair_list()],
-                                           "methods": methods or ["sa-map"], "seed": seed, "method_options": method_options})
+                                           "methods": methods or ["sa-map"], "seed": seed, "method_options": method_options,
+                                           "variants": variants})
             self._digits[seed] = DigitsBench(self.out / "shared" / f"digits-s{seed}", cfg, root=root, log=self.log)
         return self._digits[seed]
 
@@ -197,12 +239,34 @@ def cell_hash(suite: SuiteConfig, entry: MethodEntry) -> str:
     return hashlib.sha1(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def attacked_runner(runner: str) -> bool:
+    """Whether the suite's prompt attacks run on the cells of ``runner``: the CLIP prompt methods of
+    the METHODS registry that run through :func:`method_cell` (ip-clip, ntl-prompt, ...); not
+    zero-shot (no prompt) nor the CoOp cell (the unprotected reference of every attacked cell)."""
+    found = runner_for(runner)
+    return found is not None and found[0] is method_cell
+
+
+def prompt_attack_hash(suite: SuiteConfig, entry: MethodEntry) -> str | None:
+    """What a cell's prompt-attack results depend on besides its :func:`cell_hash` (None: the cell is
+    not attacked). Kept apart from the cell hash so that adding, changing or removing
+    ``prompt_attacks`` re-runs only the attacks, on the saved trained prompt, and never changes the
+    hash of any cell."""
+    if suite.prompt_attacks is None or not attacked_runner(entry.runner_name):
+        return None
+    return hashlib.sha1(json.dumps(suite.prompt_attacks.to_dict(), sort_keys=True).encode()).hexdigest()[:12]
+
+
 def plan_cells(suite: SuiteConfig, out: Path, ctx: SuiteContext) -> list[tuple[Cell, str]]:
     """Every cell of the suite with its definition hash, in run order (seed, pair, method)."""
     unknown = sorted({m.runner_name for m in suite.methods if runner_for(m.runner_name) is None})
     if unknown:
         raise ConfigError(f"suite '{suite.name}': unknown method runner(s) {unknown}",
                           f"choose among {', '.join(runner_names())} (set 'runner:' for a renamed method)")
+    if suite.prompt_attacks is not None and not any(attacked_runner(m.runner_name) for m in suite.methods):
+        raise ConfigError(f"suite '{suite.name}': prompt_attacks, but no method to attack",
+                          "add a CLIP prompt method (ip-clip, ntl-prompt) to the methods, or remove prompt_attacks "
+                          "(zero-shot and the CoOp reference are not attacked)")
     emb = suite.embedding_map
     if emb is None:
         emb = next((m.name for m in suite.methods if runner_for(m.runner_name)[1] and m.runner_name != "zero-shot"), None)
@@ -214,7 +278,8 @@ def plan_cells(suite: SuiteConfig, out: Path, ctx: SuiteContext) -> list[tuple[C
                 key = cell_key(m.name, a, u, seed)
                 cell = Cell(method=m.name, runner=m.runner_name, config=dict(m.config), authorized=a, unauthorized=u,
                             seed=seed, out=out / "cells" / key, ctx=ctx, key=key,
-                            embedding_map=(m.name == emb and (a, u) == first_pair and seed == suite.seeds[0]))
+                            embedding_map=(m.name == emb and (a, u) == first_pair and seed == suite.seeds[0]),
+                            attack_hash=prompt_attack_hash(suite, m))
                 cells.append((cell, cell_hash(suite, m)))
     return cells
 
@@ -300,12 +365,99 @@ def method_cell(cell: Cell) -> dict:
         metrics.pop(k, None)
     if cell.embedding_map and "trained_model" in options:
         metrics["embedding_map"] = save_embedding_map(cell, coop, options["trained_model"], "coop", spec.name)
+    if cell.attack_hash is not None:
+        metrics.update(prompt_attack_metrics(cell, options.get("trained_model")))
     return metrics
+
+
+# ============================================================================ the prompt attacks of a cell
+
+#: the keys of a cell's JSON that the prompt attacks write
+PROMPT_ATTACK_KEYS = ("attacks", "prompt_robust", "prompt_attacks_hash", "prompt_attacks_seconds")
+
+
+def _saved_prompt(cell: Cell):
+    """The trained prompt of a finished method cell, reloaded from its run folder (None when missing)."""
+    from ipshield.errors import IPShieldError
+    from ipshield.protect.ipclip_run import load_run
+
+    try:
+        return load_run(cell.out, cell.ctx.adapter)
+    except IPShieldError:
+        return None
+
+
+def prompt_attack_metrics(cell: Cell, model=None) -> dict:
+    """The suite's prompt attacks on ``model`` (the cell's trained prompt; None: reloaded from the
+    cell folder) through :func:`ipshield.attacks.robust.prompt_robust`, with the suite's CoOp on the
+    authorized domain as the unprotected reference (its grid and the zero-shot / from-scratch
+    references are computed once per pair and seed, under shared/prompt-refs/). Returns the cell
+    keys: ``attacks`` (the grid figures, as ``_attack_dict`` gives for the classifier cells),
+    ``prompt_robust`` (the rows and labels of the robust tables), ``prompt_attacks_hash``."""
+    import time
+
+    from ipshield.attacks.robust import prompt_robust
+    from ipshield.protect.ipclip import SwitchableIPCLIP
+
+    t0 = time.time()
+    pa = cell.ctx.suite.prompt_attacks
+    out: dict[str, Any] = {"prompt_attacks_hash": cell.attack_hash}
+    if model is None:
+        model = _saved_prompt(cell)
+    if model is None or isinstance(model, SwitchableIPCLIP):
+        why = ("no trained prompt to attack (the method gave none and its run folder holds none)" if model is None else
+               "a switchable IP-CLIP (authorization on demand) is restricted by its deployment gate alone, which a "
+               "thief holding the weights drops: the prompt attacks do not apply")
+        out["prompt_robust"] = {"skipped": why}
+        return out
+    doms = cell.ctx.domains
+    cached = cell.ctx.prompt_references(cell.authorized, cell.unauthorized, cell.seed)
+    r = prompt_robust(model, doms[cell.unauthorized], attacks=list(pa.attacks), ks=list(pa.ks),
+                      authorized=doms[cell.authorized],
+                      reference=cell.ctx.coop(cell.authorized, cell.seed),
+                      options=pa.options, seed=cell.seed, n_test=pa.n_test, method=cell.method,
+                      unprotected=cached["unprotected"] if cached else None, refs=cached["refs"] if cached else None)
+    if not cached or cached.get("unprotected") is None:
+        cell.ctx.save_prompt_references(cell.authorized, cell.unauthorized, cell.seed, r["unprotected"], r["refs"])
+    grid, unprot, refs = r["grid"], r["unprotected"], r["refs"]
+    att: dict[str, Any] = {"acc_u_source": unprot.get("acc_before") if unprot else None,
+                           "acc_u_protected": grid.get("acc_before")}
+    att.update({k: v for k, v in grid.items() if k != "acc_before"})
+    if "prompt-finetune" in pa.attacks:
+        # [ours] the "fine-tune k" column of the cost-to-break tables: prompt-finetune, the
+        # finetune-direct-all of a prompt model (re-learn everything the protection learned)
+        for k in pa.ks:
+            att[f"finetune_k{k}"] = grid.get(f"prompt-finetune_k{k}")
+    att.update(refs)
+    for k in pa.ks:
+        if att.get(f"finetune_k{k}") is not None and refs.get(f"scratch_k{k}") is not None:
+            att[f"margin_k{k}"] = att[f"finetune_k{k}"] - refs[f"scratch_k{k}"]
+    out["attacks"] = att
+    out["prompt_robust"] = {"rows": r["rows"], "labels": r["labels"], "unprotected": unprot, "refs": refs}
+    out["prompt_attacks_seconds"] = round(time.time() - t0, 1)
+    return out
+
+
+def update_prompt_attacks(cell: Cell, done: dict) -> dict | None:
+    """A finished cell (its ``cell_hash`` current) whose prompt attacks are not those of the suite:
+    its attack keys removed (the suite has none for it) or recomputed on its saved trained prompt
+    (no retraining). None when the trained prompt cannot be reloaded (then the cell is recomputed)."""
+    res = {k: v for k, v in done.items() if k not in PROMPT_ATTACK_KEYS}
+    if cell.attack_hash is None:
+        return res
+    model = _saved_prompt(cell)
+    if model is None:
+        return None
+    from ipshield.utils import seed_everything
+
+    seed_everything(cell.seed)
+    res.update(prompt_attack_metrics(cell, model))
+    return res
 
 
 def _digits_cell(cell: Cell) -> dict:
     bench = cell.ctx.digits_bench(cell.seed)
-    row = bench.protect_cell(cell.runner, cell.authorized, cell.unauthorized)
+    row = bench.protect_cell(cell.method, cell.authorized, cell.unauthorized)
     key = Path(row["model_dir"]).name
     full = json.loads((bench.out / "cells" / f"{key}.json").read_text())
     full.pop("history", None)
@@ -317,7 +469,7 @@ def _digits_cell(cell: Cell) -> dict:
     if row.get("sparsity") is not None:
         metrics["sparsity_pct"] = row["sparsity"]
     if bench.cfg.attacks:
-        a = bench.attack_cell(cell.runner, cell.authorized, cell.unauthorized, row["model_dir"], row["acc_u_before"], row["acc_u_after"])
+        a = bench.attack_cell(cell.method, cell.authorized, cell.unauthorized, row["model_dir"], row["acc_u_before"], row["acc_u_after"])
         metrics["attacks"] = _attack_dict(a, bench)
     return metrics
 

@@ -10,9 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from ipshield.bench.harness.cells import Cell, SuiteContext, plan_cells, runner_for
+from ipshield.bench.harness.cells import (PROMPT_ATTACK_KEYS, Cell, SuiteContext, plan_cells, runner_for,
+                                          update_prompt_attacks)
 from ipshield.bench.harness.suite import SuiteConfig, resolve_suite
-from ipshield.bench.harness.tables import _f, _mean, write_tables
+from ipshield.bench.harness.tables import _f, _mean, write_prompt_robust, write_tables
 from ipshield.errors import IPShieldError
 from ipshield.runs import write_json
 
@@ -25,6 +26,8 @@ class SuiteResult:
     cells: list[dict]
     computed: list[str] = field(default_factory=list)
     reused: list[str] = field(default_factory=list)
+    #: reused cells whose prompt attacks alone were (re)computed or removed (``prompt_attacks`` changed)
+    attacked: list[str] = field(default_factory=list)
     failed: dict[str, str] = field(default_factory=dict)
     seconds: float = 0.0
     report: Path | None = None
@@ -80,6 +83,31 @@ def _run_cells(cfg, out, ctx, cells, run, log, console, show_progress, on_finish
             path = out / "cells" / f"{cell.key}.json"
             progress.update(task, cell=cell.key)
             done = _load_cell(path)
+            if done is not None and done.get("cell_hash") == digest and done.get("prompt_attacks_hash") != cell.attack_hash:
+                # the suite's prompt attacks changed: only they run again, on the saved trained prompt
+                try:
+                    updated = update_prompt_attacks(cell, done)
+                except (IPShieldError, KeyboardInterrupt):
+                    raise
+                except Exception as exc:  # noqa: BLE001
+                    if not keep_going:
+                        raise
+                    (out / "cells" / f"{cell.key}.error.txt").write_text(traceback.format_exc())
+                    result.failed[cell.key] = f"prompt attacks: {type(exc).__name__}: {exc}"
+                    log(f"[red]{cell.key}: the prompt attacks failed[/red]: {type(exc).__name__}: {exc} "
+                        f"(see cells/{cell.key}.error.txt)")
+                    updated = None
+                    done = {k: v for k, v in done.items() if k not in PROMPT_ATTACK_KEYS}  # retried by the next run
+                if updated is not None:
+                    write_json(path, updated)
+                    (out / "cells" / f"{cell.key}.error.txt").unlink(missing_ok=True)
+                    done = updated
+                    result.attacked.append(cell.key)
+                    if cell.attack_hash is not None:
+                        log(f"{cell.key}: prompt attacks ({done.get('prompt_attacks_seconds', 0):.0f}s)")
+                elif cell.key not in result.failed:
+                    log(f"{cell.key}: its trained prompt is gone; recomputing the cell")
+                    done = None
             if done is not None and done.get("cell_hash") == digest:
                 result.cells.append(done)
                 result.reused.append(cell.key)
@@ -111,10 +139,12 @@ def _run_cells(cfg, out, ctx, cells, run, log, console, show_progress, on_finish
                 f"Acc_u {_f(_mean(s.get('acc_u_before')))} -> {_f(s.get('acc_u_after_mean'))} ({res['seconds']:.0f}s)")
             progress.advance(task)
     write_tables(out, result.cells, cfg)
+    write_prompt_robust(out, result.cells, cfg)
     result.seconds = round(time.time() - t0, 1)
     if on_finished is not None:
         result.report = on_finished(out)
     run.save_metrics({"suite": cfg.name, "cells": len(cells), "computed": result.computed, "reused": len(result.reused),
+                      "attacked": result.attacked,
                       "failed": result.failed, "seconds_this_call": result.seconds}, "metrics.json")
     run.finish(seconds_this_call=result.seconds, failed=len(result.failed))
     return result

@@ -27,6 +27,57 @@ class MethodEntry(BaseConfig):
         return self.runner or self.name
 
 
+class PromptAttacksConfig(BaseConfig):
+    """[ours] The prompt attacks of a suite (``ipshield.attacks.prompt``, through
+    ``ipshield.attacks.robust.prompt_robust``): run on every trained CLIP prompt method cell (ip-clip,
+    ntl-prompt, ...; not zero-shot nor the CoOp reference) with the suite's CoOp as the unprotected
+    reference; written to ``prompt-robust/`` (robust.json/.md/.csv, robust-labels.csv)."""
+
+    #: prompt attacks of the ATTACKS registry (target "prompt"); default: all of them
+    attacks: list[str] = Field(default_factory=lambda: _prompt_attack_names())
+    #: labelled unauthorized images of the k-attacks (a k above the domain's training images gives n/a)
+    ks: list[int] = Field(default_factory=lambda: [10, 100])
+    #: config overrides per attack, e.g. {prompt-finetune: {steps: 40}} (the from-scratch CoOp reference
+    #: takes the step budget of the first k-attack)
+    options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    #: unauthorized test images evaluated per attack (class-balanced); None: the whole test split
+    n_test: int | None = None
+
+    @model_validator(mode="after")
+    def _check_attacks(self) -> "PromptAttacksConfig":
+        known = _prompt_attack_names()
+        if not self.attacks:
+            raise ValueError(f"give at least one attack (the prompt attacks: {', '.join(known)})")
+        bad = [a for a in self.attacks if a not in known]
+        if bad:
+            raise ValueError(f"unknown prompt attack(s) {bad}; the prompt attacks are: {', '.join(known)}")
+        dup = sorted({a for a in self.attacks if self.attacks.count(a) > 1})
+        if dup:
+            raise ValueError(f"attack(s) {dup} named twice")
+        if not self.ks or any(k < 1 for k in self.ks):
+            raise ValueError(f"ks must be a non-empty list of positive image counts (got {self.ks})")
+        for name, opts in self.options.items():
+            if name not in self.attacks:
+                raise ValueError(f"options for '{name}', which is not among the attacks {self.attacks}")
+            fixed = sorted(set(opts) & {"k", "seed", "n_test", "references"})
+            if fixed:
+                raise ValueError(f"options.{name} sets {fixed}, which the suite sets (ks, seeds, n_test; "
+                                 "the references are computed once per pair)")
+            from ipshield.registry import ATTACKS
+
+            try:
+                ATTACKS.get(name).make_config(dict(opts))
+            except ConfigError as exc:
+                raise ValueError(f"options.{name}: {exc.problem}") from None
+        return self
+
+
+def _prompt_attack_names() -> list[str]:
+    from ipshield.attacks.robust import prompt_attacks
+
+    return prompt_attacks()
+
+
 class SuiteConfig(BaseConfig):
     """A benchmark suite (see docs/bench.md for every key)."""
 
@@ -52,6 +103,8 @@ class SuiteConfig(BaseConfig):
     embedding_map: str | None = None
     #: images per domain in the embedding map
     embedding_points: int = 150
+    #: [ours] the prompt attacks on the trained CLIP prompt methods (None: none); see PromptAttacksConfig
+    prompt_attacks: PromptAttacksConfig | None = None
 
     @field_validator("methods", mode="before")
     @classmethod
@@ -60,6 +113,19 @@ class SuiteConfig(BaseConfig):
             v = [{"name": k, **({"config": c} if c else {})} for k, c in v.items()]
         if isinstance(v, list):
             v = [{"name": m} if isinstance(m, str) else m for m in v]
+        return v
+
+    @field_validator("prompt_attacks", mode="before")
+    @classmethod
+    def _prompt_attacks(cls, v: Any) -> Any:
+        if v is True:  # shorthands: true = every prompt attack at the defaults, a list = those attacks
+            return {}
+        if v is False:
+            return None
+        if isinstance(v, str):
+            v = [x.strip() for x in v.split(",") if x.strip()]
+        if isinstance(v, list):
+            return {"attacks": v}
         return v
 
     @field_validator("digits")

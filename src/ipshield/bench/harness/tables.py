@@ -180,3 +180,76 @@ def write_tables(out: Path, cells: list[dict], suite: SuiteConfig | None = None)
                    " | ".join(_f(r.get(f"finetune_k{k}")) for k in ks) + f" | {_f(r.get('shot'))} |\n")
     (out / "results.md").write_text(md)
     return rows
+
+
+# ============================================================================ the prompt attacks' robust tables
+
+#: the folder of a suite run that holds the robust tables of its prompt attacks
+PROMPT_ROBUST_DIR = "prompt-robust"
+PROMPT_ROBUST_FILES = ("robust.json", "robust.md", "robust.csv", "robust-labels.csv", "robust.html")
+
+PROMPT_ABOUT = ("CLIP prompt protections under the prompt attacks (ipshield.attacks.prompt), unauthorized test "
+                "accuracy (%). unprotected: the suite's CoOp trained on the authorized domain, under the same attack "
+                "and budget; scratch: CoOp learned from a random context on the same k labelled unauthorized images "
+                "with the same steps; margin = protected attacked - scratch (at or below 0: the protected prompt "
+                "leaves the attacker no better off than learning a prompt from nothing); zero_shot (robust.csv): the "
+                "frozen backbone with the class-name prompt, no labels.")
+
+
+def prompt_robust_results(cells: list[dict]) -> tuple[list[dict], list[dict], list[dict]]:
+    """The grid rows (one per attacked cell), long rows and labels-to-match rows of the prompt
+    attacks, from the finished cells (``prompt_robust`` of :func:`~ipshield.bench.harness.cells.prompt_attack_metrics`)."""
+    grid_rows, long_rows, label_rows = [], [], []
+    for c in cells:
+        pr = c.get("prompt_robust") or {}
+        if not pr.get("rows"):
+            continue
+        pair = c.get("pair") or [c["authorized"], c["unauthorized"]]
+        grid_rows.append({"method": c["method"], "authorized": pair[0], "unauthorized": pair[1], "seed": c.get("seed"),
+                          **(c.get("attacks") or {})})
+        long_rows += pr["rows"]
+        label_rows += pr.get("labels", [])
+    return grid_rows, long_rows, label_rows
+
+
+def write_prompt_robust(out: Path, cells: list[dict], suite: SuiteConfig | None = None) -> Path | None:
+    """``prompt-robust/``: robust.json, robust.md, robust.csv and robust-labels.csv of the suite's
+    prompt attacks (the writers and columns of the digits benchmark's attack suite; robust.html is
+    drawn by the report layer, ``write_robust_reports``). Without prompt rows, an earlier run's
+    files there are removed (the tables follow the suite). Returns the robust.json path or None."""
+    from ipshield.attacks.robust import prompt_attacks
+    from ipshield.bench.digits import LABEL_COLUMNS, ROBUST_COLUMNS, _write_csv, robust_markdown
+    from ipshield.registry import ATTACKS
+    from ipshield.runs import write_json
+
+    folder = out / PROMPT_ROBUST_DIR
+    grid_rows, long_rows, label_rows = prompt_robust_results(cells)
+    pa = suite.prompt_attacks if suite is not None else None
+    if not long_rows:
+        if folder.is_dir():
+            for name in PROMPT_ROBUST_FILES:
+                (folder / name).unlink(missing_ok=True)
+            if not any(folder.iterdir()):
+                folder.rmdir()
+        return None
+    attacks = list(pa.attacks) if pa else list(dict.fromkeys(r["attack"] for r in long_rows))
+    seeds = sorted({r.get("seed") for r in long_rows}, key=lambda x: (x is None, x))
+    ks = list(pa.ks) if pa else sorted({r["k"] for r in long_rows if r.get("k") is not None})
+    opts = dict(pa.options) if pa else {}
+    steps = {a: getattr(ATTACKS.get(a).make_config(dict(opts.get(a, {}))), "steps", None)
+             for a in attacks if a in prompt_attacks()}
+    meta = {"target": "prompt", "seed": seeds[0] if len(seeds) == 1 else ", ".join(str(s) for s in seeds),
+            "seeds": seeds, "ks": ks, "attacks": attacks, "steps": steps, "n_test": pa.n_test if pa else None,
+            "reference": "coop", "about": PROMPT_ABOUT}
+    folder.mkdir(parents=True, exist_ok=True)
+    _write_csv(folder / "robust.csv", long_rows, [*ROBUST_COLUMNS, "zero_shot"])
+    _write_csv(folder / "robust-labels.csv", label_rows, LABEL_COLUMNS)
+    md = robust_markdown(long_rows, label_rows, meta)
+    # the digits benchmark's page, with the intro of the prompt references instead of the classifiers'
+    body = md[md.index("## Mean over pairs"):] if "## Mean over pairs" in md else md
+    steps_text = ", ".join(f"{a} {s}" for a, s in steps.items())
+    head = (f"# Prompt attacks and honest references (seed {meta['seed']})\n\n{PROMPT_ABOUT} Steps: {steps_text}; "
+            f"test images per domain: {meta['n_test'] or 'all'}.\n\n")
+    (folder / "robust.md").write_text(head + body)
+    write_json(folder / "robust.json", {"meta": meta, "grid": grid_rows, "rows": long_rows, "labels": label_rows})
+    return folder / "robust.json"

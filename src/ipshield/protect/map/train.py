@@ -57,13 +57,16 @@ def _random_shift(x: torch.Tensor, max_shift: int, g: torch.Generator) -> torch.
 def train_masks(masked: MaskedClassifier, source_model: nn.Module, x_src: torch.Tensor, x_tgt: torch.Tensor | None,
                 config: MAPConfig, neighbour: bool = False,
                 val: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                x_stat: torch.Tensor | None = None) -> list[dict[str, float]]:
+                x_stat: torch.Tensor | None = None,
+                labelled_tgt: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[dict[str, float]]:
     """Learn the mask scores. ``x_tgt`` is the unauthorized pool (or, with ``neighbour``, None:
     each step's unauthorized batch is a strong shift of another pseudo-source batch).
 
     ``val`` = (authorized images, labels, unauthorized images, labels) held out of training:
     with ``config.select == "val"`` the mask is evaluated on them every ``val_every`` steps and
     the best evaluated mask is kept (see ``MAPConfig.select``); the history records the choice.
+    ``labelled_tgt`` = (unauthorized images, labels): the simulated attackers' data of
+    ``config.finetune_sims``.
     """
     device = resolve_device(config.device)
     init_from_env()
@@ -80,6 +83,16 @@ def train_masks(masked: MaskedClassifier, source_model: nn.Module, x_src: torch.
         raise ValueError("train_masks needs unauthorized images (x_tgt), neighbour=True or x_stat")
     stat = None if x_stat is None else BatchStream(x_stat, _probs(source_model, x_stat, device),
                                                      batch_size=config.batch_size, generator=g)
+    pool = None
+    if config.finetune_sims > 0:
+        if labelled_tgt is None:
+            raise IPShieldError("finetune_sims needs labelled unauthorized images for the simulated attacker",
+                                "use setting=sa or sf with an unauthorized domain, or finetune_sims=0")
+        from ipshield.protect.simft import SimPool, SimulatedAttacker
+
+        att = SimulatedAttacker(steps=config.sim_steps, lr=config.sim_lr, k=config.sim_k, batch_size=config.batch_size,
+                                init_fc_prob=config.sim_init_fc_prob)
+        pool = SimPool(labelled_tgt[0], labelled_tgt[1].long(), att, torch.Generator().manual_seed(config.seed + 19))
     opt = torch.optim.Adam(masked.scores.parameters(), lr=config.lr)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(1, config.steps))
     masked.train()
@@ -94,7 +107,7 @@ def train_masks(masked: MaskedClassifier, source_model: nn.Module, x_src: torch.
         tap = _FeatureTap(source_model)
     try:
         history = _mask_steps(masked, source_model, src, tgt, opt, sched, config, neighbour, g, device, val, use_val, tap,
-                              stat)
+                              stat, pool)
     finally:
         if tap is not None:
             tap.remove()
@@ -102,9 +115,29 @@ def train_masks(masked: MaskedClassifier, source_model: nn.Module, x_src: torch.
     return history
 
 
-def _mask_steps(masked, source_model, src, tgt, opt, sched, config, neighbour, g, device, val, use_val, tap, stat):
+def _finetune_score_grads(masked: MaskedClassifier, pool, n_sims: int, weight: float, device, g: torch.Generator) -> None:
+    """Add to the mask scores' gradients the simulated attackers' gradient (``simft``): the
+    masked model (mask folded in) is fine-tuned ``n_sims`` times; the fine-tuned copies' gradient
+    ``G`` in a masked weight ``W`` reaches its score as ``G * W`` (the straight-through estimator of
+    ``W * mask``; first order)."""
+    from ipshield.protect.simft import finetuned_restricted_grads
+
+    plain = masked.export()
+    names = [n for n, _ in plain.named_parameters()]
+    runs = [dict(zip(names, finetuned_restricted_grads(plain, pool, device, g))) for _ in range(n_sims)]
+    weights = dict(masked.model.named_parameters())
+    for n, score in zip(masked.names, masked.scores):
+        parts = [r[n] for r in runs if r.get(n) is not None]
+        if not parts:
+            continue
+        extra = weight * torch.stack(parts).mean(0) * weights[n]
+        score.grad = extra if score.grad is None else score.grad + extra
+
+
+def _mask_steps(masked, source_model, src, tgt, opt, sched, config, neighbour, g, device, val, use_val, tap, stat, pool=None):
     """The optimisation loop of ``train_masks`` (``tap``: the BatchNorm-output tap of the feature
-    term or None; ``stat``: the stream of statistics neighbours or None)."""
+    term or None; ``stat``: the stream of statistics neighbours or None; ``pool``: the simulated
+    attackers' data of ``finetune_sims`` or None)."""
     from ipshield.protect.shifts import neighbour_shift
 
     history: list[dict[str, Any]] = []
@@ -167,6 +200,8 @@ def _mask_steps(masked, source_model, src, tgt, opt, sched, config, neighbour, g
             loss = loss + config.sparsity_penalty * torch.stack([torch.relu(-s).mean() for s in masked.scores]).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if pool is not None:
+            _finetune_score_grads(masked, pool, config.finetune_sims, config.w_finetuned, device, pool.g)
         average_gradients(list(masked.scores.parameters()), len(part) / full)
         opt.step()
         sched.step()
@@ -287,7 +322,8 @@ def protect(source_model: nn.Module, config: MAPConfig, authorized: Domain | Non
         x_stat, info["neighbours"] = synthesize_stat_neighbours(source_model, x_src, y_src.long(), config)
     info["history"] = train_masks(masked, source_model, x_src, x_tgt, config,
                                   neighbour=config.setting == "df" and config.neighbours != "stats" and not owner_pseudo,
-                                  val=val, x_stat=x_stat)
+                                  val=val, x_stat=x_stat,
+                                  labelled_tgt=None if x_tgt is None or y_tgt is None else (x_tgt, y_tgt))
     info["selected"] = next((h["selected_step"] for h in info["history"] if "selected_step" in h), None)
     info["sparsity"] = masked.sparsity()
     return masked, info
