@@ -195,19 +195,26 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.+-]+", "-", text).strip("-") or "x"
 
 
+#: the intro of robust.md (``meta["about"]`` replaces it, e.g. for the prompt attacks)
+ROBUST_ABOUT = ("Unauthorized test accuracy (%) after each attack (the registry's names). *unprotected*: the unprotected "
+                "source model under the same attack and budget; *scratch*: the same architecture trained from random weights "
+                "on the same labelled images with the same steps (k-attacks: the k unauthorized images; attacks on a share of "
+                "authorized images: that share, labelled; unlabelled attacks: chance); *margin* = protected attacked - "
+                "scratch (at or below 0: the protection leaves the attacker no better off than starting over).")
+
+
 def robust_markdown(long_rows: list[dict], label_rows: list[dict], meta: dict[str, Any]) -> str:
     """robust.md: per method the mean over pairs of each attack (protected, unprotected, scratch,
-    margin), the labels-to-match table and the long table."""
+    margin), the labels-to-match table and the long table (``meta``: seed, ks, steps, n_test and
+    optionally the page's ``title`` and ``about`` intro)."""
     import numpy as np
 
     ks = meta.get("ks", [])
-    lines = [f"# Attack suite and honest references (seed {meta.get('seed')})", "",
-             "Unauthorized test accuracy (%) after each attack (the registry's names). *unprotected*: the unprotected "
-             "source model under the same attack and budget; *scratch*: the same architecture trained from random weights on "
-             "the same labelled images with the same steps (k-attacks: the k unauthorized images; attacks on a share of "
-             "authorized images: that share, labelled; unlabelled attacks: chance); *margin* = protected attacked - scratch "
-             "(at or below 0: the protection leaves the attacker no better off than starting over). Steps: "
-             + ", ".join(f"{a} {s}" for a, s in meta.get("steps", {}).items()) + f"; test images per domain: {meta.get('n_test')}.", ""]
+    about = meta.get("about") or ROBUST_ABOUT
+    n_test = meta.get("n_test") if meta.get("n_test") is not None else "all"
+    lines = [f"# {meta.get('title') or 'Attack suite and honest references'} (seed {meta.get('seed')})", "",
+             about + " Steps: " + ", ".join(f"{a} {s}" for a, s in meta.get("steps", {}).items())
+             + f"; test images per domain: {n_test}.", ""]
     methods = list(dict.fromkeys(r["method"] for r in long_rows))
     keys = list(dict.fromkeys((r["attack"], r["k"]) for r in long_rows))
 

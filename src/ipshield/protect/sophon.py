@@ -133,9 +133,10 @@ def protect(source_model, config: SophonConfig, authorized: Domain, unauthorized
     reference = copy.deepcopy(source_model).to(device).eval()
     xs, ys = train_tensors(authorized, config.n_train, config.image_size, config.seed)
     parts = [train_tensors(d, config.n_train, config.image_size, config.seed) for d in unauthorized]
+    xu, yu = torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
     src = BatchStream(xs, ys, batch_size=config.batch_size, generator=g)
-    tgt = BatchStream(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), batch_size=config.batch_size, generator=g)
-    pool = SimPool(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]), config.attacker(), g)
+    tgt = BatchStream(xu, yu, batch_size=config.batch_size, generator=g)
+    pool = SimPool(xu, yu, config.attacker(), g)
     feats = _penultimate(model) if config.w_collapse > 0 else None
     if config.w_collapse > 0 and feats is None:
         raise IPShieldError(f"w_collapse needs the penultimate features, and the model ({type(model).__name__}) does not expose them",

@@ -244,12 +244,8 @@ def write_prompt_robust(out: Path, cells: list[dict], suite: SuiteConfig | None 
     folder.mkdir(parents=True, exist_ok=True)
     _write_csv(folder / "robust.csv", long_rows, [*ROBUST_COLUMNS, "zero_shot"])
     _write_csv(folder / "robust-labels.csv", label_rows, LABEL_COLUMNS)
-    md = robust_markdown(long_rows, label_rows, meta)
     # the digits benchmark's page, with the intro of the prompt references instead of the classifiers'
-    body = md[md.index("## Mean over pairs"):] if "## Mean over pairs" in md else md
-    steps_text = ", ".join(f"{a} {s}" for a, s in steps.items())
-    head = (f"# Prompt attacks and honest references (seed {meta['seed']})\n\n{PROMPT_ABOUT} Steps: {steps_text}; "
-            f"test images per domain: {meta['n_test'] or 'all'}.\n\n")
-    (folder / "robust.md").write_text(head + body)
+    (folder / "robust.md").write_text(robust_markdown(long_rows, label_rows,
+                                                      {**meta, "title": "Prompt attacks and honest references"}))
     write_json(folder / "robust.json", {"meta": meta, "grid": grid_rows, "rows": long_rows, "labels": label_rows})
     return folder / "robust.json"
