@@ -55,6 +55,52 @@ def test_the_simulated_attacker_fine_tunes_a_copy_and_scores_it_on_other_images(
         assert torch.equal(v, before[k]), k
 
 
+def test_shot_and_transntl_simulations_train_what_those_attacks_train(clf, doms):
+    """``shot`` adapts on unlabelled restricted images with the final layer frozen; ``transntl``
+    repairs on shifted authorized images; both are scored on restricted images and leave the
+    protected model unchanged; a single kind leaves the random stream as the plain attacker's."""
+    from ipshield.protect.simft import SimPool, SimulatedAttacker, final_linear, finetuned_restricted_grads
+
+    x, y = _xy(doms["inverted"])
+    xa, _ = _xy(doms["clean"])
+    before = {k: v.clone() for k, v in clf.state_dict().items()}
+    head = final_linear(clf)
+    seen = {}
+    orig_adam = torch.optim.Adam
+
+    def spy(params, **kw):
+        params = list(params)
+        seen["n_trained"] = len(params)
+        seen["head_trained"] = any(p.shape == head.weight.shape for p in params)
+        return orig_adam(params, **kw)
+
+    n_params = len(list(clf.parameters()))
+    for kind, head_trained in (("shot", False), ("transntl", True)):
+        g = torch.Generator().manual_seed(0)
+        pool = SimPool(x, y, SimulatedAttacker(steps=2, k=5, batch_size=8, kinds=((kind, 1.0),)), g, authorized=xa)
+        torch.optim.Adam = spy
+        try:
+            grads = finetuned_restricted_grads(clf, pool, "cpu", g)
+        finally:
+            torch.optim.Adam = orig_adam
+        assert seen["head_trained"] == head_trained, kind
+        assert seen["n_trained"] == n_params - (2 if kind == "shot" else 0)
+        assert all(gr is not None for gr in grads) and any(gr.abs().sum() > 0 for gr in grads), kind
+    for k, v in clf.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    with pytest.raises(ValueError, match="needs the authorized images"):
+        SimPool(x, y, SimulatedAttacker(kinds=(("transntl", 1.0),)), torch.Generator())
+    with pytest.raises(ValueError, match="unknown simulated attacker"):
+        SimPool(x, y, SimulatedAttacker(kinds=(("jailntl", 1.0),)), torch.Generator())
+    # one kind (or a zero weight on the others): no draw, the same gradients as the plain attacker
+    runs = []
+    for kinds in ((("finetune", 1.0),), (("finetune", 1.0), ("shot", 0.0))):
+        g = torch.Generator().manual_seed(3)
+        runs.append(finetuned_restricted_grads(clf, SimPool(x, y, SimulatedAttacker(steps=2, k=5, batch_size=8, kinds=kinds), g),
+                                               "cpu", g))
+    assert all((a is None and b is None) or torch.equal(a, b) for a, b in zip(*runs))
+
+
 def test_collapse_loss_is_zero_for_identical_features_and_scale_free():
     from ipshield.protect.sophon import collapse_loss
 
@@ -75,6 +121,13 @@ def test_sophon_defaults_simulate_the_finetune_attacker():
     assert att.k == 10
     with pytest.raises(ConfigError, match="inner_optimizer"):
         METHODS.get("sophon").make_config({"inner_optimizer": "rmsprop"})
+    assert att.kinds == (("finetune", 1.0), ("shot", 0.5))  # the default simulates SHOT a third of the time
+    assert METHODS.get("sophon").make_config({"inner_attacks": {"finetune": 1, "shot": 0.5}}).attacker().kinds == (
+        ("finetune", 1.0), ("shot", 0.5))
+    with pytest.raises(ConfigError, match="unknown simulated attacker"):
+        METHODS.get("sophon").make_config({"inner_attacks": {"jailntl": 1}})
+    with pytest.raises(ConfigError, match="at least one > 0"):
+        METHODS.get("sophon").make_config({"inner_attacks": {"shot": 0}})
 
 
 def test_sophon_with_collapse_runs_and_keeps_the_source(clf, doms):
@@ -88,6 +141,10 @@ def test_sophon_with_collapse_runs_and_keeps_the_source(clf, doms):
     assert any(not torch.equal(a, b) for a, b in zip(model.state_dict().values(), before.values()))
     for k, v in clf.state_dict().items():
         assert torch.equal(v, before[k]), k
+    mixed = METHODS.get("sophon").make_config({"steps": 3, "n_train": 40, "inner_steps": 2, "inner_k": 5,
+                                               "inner_attacks": {"finetune": 1, "shot": 1, "transntl": 1}})
+    model2, _ = protect(clf, mixed, doms["clean"], [doms["inverted"]])
+    assert all(torch.isfinite(v).all() for v in model2.state_dict().values() if v.is_floating_point())
 
 
 def test_map_finetune_sims_moves_the_mask_and_needs_labelled_unauthorized_images(clf, doms):
@@ -144,3 +201,22 @@ def test_a_renamed_classifier_method_is_its_own_variant_in_a_suite(tmp_path):
     again = yaml.safe_load((models / "sa-map-nft__clean__inverted" / "config.yaml").read_text())
     assert again["sim_k"] == 6
     assert yaml.safe_load((models / "sa-map__clean__inverted" / "config.yaml").read_text())["sim_k"] == 10
+
+
+def test_a_changed_library_default_makes_a_suite_cell_stale(monkeypatch):
+    """The harness's cell hash covers the method's config defaults, not only what the suite says: a
+    release that changes ``sophon``'s defaults recomputes its cells (before, they were reused)."""
+    import dataclasses
+
+    from ipshield.bench import harness as H
+    from ipshield.registry import METHODS
+
+    suite = H.resolve_suite("digits-nft")
+    entry = next(m for m in suite.methods if m.name == "sophon")
+    other = next(m for m in suite.methods if m.name == "sa-map")
+    before, before_other = H.cell_hash(suite, entry), H.cell_hash(suite, other)
+    assert H.cell_hash(suite, entry) == before  # stable
+    spec = METHODS.get("sophon")
+    monkeypatch.setitem(METHODS._entries, "sophon", dataclasses.replace(spec, defaults={"w_keep": 4.0}))
+    assert H.cell_hash(suite, entry) != before
+    assert H.cell_hash(suite, other) == before_other

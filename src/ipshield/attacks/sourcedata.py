@@ -32,6 +32,7 @@ from pydantic import Field
 from ipshield.attacks.domain import (AttackConfig, _check_domain, _eval, _set_bn, as_config, check_target,
                                      train_labelled)
 from ipshield.data.domain import Domain
+from ipshield.models.classifiers import random_domain_shift
 from ipshield.errors import DataError, IPShieldError
 from ipshield.registry import ATTACKS
 from ipshield.utils import progress, resolve_device, seed_everything
@@ -135,30 +136,6 @@ def source_finetune_attack(model: nn.Module, domain: Domain, authorized: Domain 
             "n_images": n, "steps": cfg.steps, "acc_before": acc_before, "acc_after": _eval(attacked, domain, cfg),
             "acc_authorized_after": _eval(attacked, authorized, cfg), "seconds": round(time.time() - t0, 1),
             "model": attacked}
-
-
-def random_domain_shift(x: torch.Tensor, strength: float, g: torch.Generator) -> torch.Tensor:
-    """Per image, a random small domain shift of ``x`` ([B, 3, H, W] in [0, 1]): colour/contrast
-    jitter per channel, inversion (probability 0.3 * strength), a smooth random coloured texture
-    blended in, Gaussian noise and a shift of up to 2 pixels [ours]."""
-    from ipshield.models.classifiers import random_shift
-
-    b, c, h, w = x.shape
-    s = float(strength)
-
-    def u(*shape):
-        return torch.rand(*shape, generator=g)
-
-    contrast = 1.0 + s * (2 * u(b, c, 1, 1) - 1) * 0.5
-    bright = s * (2 * u(b, c, 1, 1) - 1) * 0.3
-    y = (x - 0.5) * contrast + 0.5 + bright
-    inv = (u(b, 1, 1, 1) < 0.3 * s).float()
-    y = inv * (1 - y) + (1 - inv) * y
-    texture = F.interpolate(u(b, c, 4, 4), size=(h, w), mode="bilinear", align_corners=False)
-    alpha = s * 0.6 * u(b, 1, 1, 1)
-    y = (1 - alpha) * y + alpha * texture
-    y = y + s * 0.08 * u(b, 1, 1, 1) * torch.randn(y.shape, generator=g)
-    return random_shift(y.clamp(0, 1), 2, g)
 
 
 def transntl_attack(model: nn.Module, domain: Domain, authorized: Domain | None,

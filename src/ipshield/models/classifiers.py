@@ -284,6 +284,28 @@ def random_shift(x: torch.Tensor, max_shift: int, generator: torch.Generator) ->
 _random_shift = random_shift
 
 
+def random_domain_shift(x: torch.Tensor, strength: float, g: torch.Generator) -> torch.Tensor:
+    """Per image, a random small domain shift of ``x`` ([B, 3, H, W] in [0, 1]): colour/contrast
+    jitter per channel, inversion (probability 0.3 * strength), a smooth random coloured texture
+    blended in, Gaussian noise and a shift of up to 2 pixels [ours]."""
+    b, c, h, w = x.shape
+    s = float(strength)
+
+    def u(*shape):
+        return torch.rand(*shape, generator=g)
+
+    contrast = 1.0 + s * (2 * u(b, c, 1, 1) - 1) * 0.5
+    bright = s * (2 * u(b, c, 1, 1) - 1) * 0.3
+    y = (x - 0.5) * contrast + 0.5 + bright
+    inv = (u(b, 1, 1, 1) < 0.3 * s).float()
+    y = inv * (1 - y) + (1 - inv) * y
+    texture = F.interpolate(u(b, c, 4, 4), size=(h, w), mode="bilinear", align_corners=False)
+    alpha = s * 0.6 * u(b, 1, 1, 1)
+    y = (1 - alpha) * y + alpha * texture
+    y = y + s * 0.08 * u(b, 1, 1, 1) * torch.randn(y.shape, generator=g)
+    return random_shift(y.clamp(0, 1), 2, g)
+
+
 def fit_classifier(model: Classifier, images: torch.Tensor, labels: torch.Tensor, epochs: int, batch_size: int = 64,
                    lr: float = 1e-3, weight_decay: float = 5e-4, augment: bool = True, seed: int = 0,
                    desc: str = "train", log: Callable[[str], None] | None = None) -> list[float]:

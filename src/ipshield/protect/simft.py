@@ -8,6 +8,17 @@ maps it onto the mask scores.
 
 The restricted loss is the KL divergence of the prediction from the uniform distribution (an
 uninformative output; its gradient in the logits, ``p - 1/C``, is bounded).
+
+Three simulated attackers (``SimulatedAttacker.kinds``; each simulation draws one), named as the
+attacks of ``ipshield.attacks`` they stand for [ours: shortened to the inner loop's steps]:
+
+- ``finetune``: cross-entropy on k labelled restricted images (NTLBench's strategies);
+- ``shot``: SHOT's information maximisation (entropy of each prediction minus the entropy of the
+  batch mean) on unlabelled restricted images, the final layer frozen as SHOT freezes it (SHOT's
+  pseudo-label term is left out of the simulation);
+- ``transntl``: TransNTL-style repair, self-distillation from a frozen copy's predictions on clean
+  *authorized* images to the copy on randomly domain-shifted ones (no restricted image in the
+  inner loop; the fine-tuned copy is still scored on restricted images).
 """
 
 from __future__ import annotations
@@ -42,6 +53,18 @@ class SimulatedAttacker:
     init_fc_prob: float = 0.5
     #: random shifts of the attacker's batches (as the attacks' ``augment``)
     augment: bool = True
+    #: the simulated attackers and their weights (each simulation draws one: "finetune", "shot",
+    #: "transntl"; see the module doc)
+    kinds: tuple[tuple[str, float], ...] = (("finetune", 1.0),)
+    #: ``transntl``: strength of the random domain shifts, distillation temperature, weight of the
+    #: clean images (as ``TransNTLConfig``)
+    shift_strength: float = 0.6
+    temperature: float = 2.0
+    clean_weight: float = 0.5
+
+
+#: the simulated attackers a method may ask for
+SIM_KINDS = ("finetune", "shot", "transntl")
 
 
 def uniform_kl(logits: torch.Tensor, y: torch.Tensor | None = None) -> torch.Tensor:
@@ -64,9 +87,27 @@ class SimPool:
     """The simulated attackers' data: either one stream over the whole unauthorized pool, or (with
     ``k``) a fresh set of k labelled images per simulation plus the images it is scored on."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, attacker: SimulatedAttacker, g: torch.Generator):
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, attacker: SimulatedAttacker, g: torch.Generator,
+                 authorized: torch.Tensor | None = None):
         self.x, self.y, self.att, self.g = x, y, attacker, g
         self.stream = BatchStream(x, y, batch_size=attacker.batch_size, generator=g)
+        unknown = [k for k, _ in attacker.kinds if k not in SIM_KINDS]
+        if unknown:
+            raise ValueError(f"unknown simulated attacker(s) {unknown}; choose among {list(SIM_KINDS)}")
+        if any(k == "transntl" and w > 0 for k, w in attacker.kinds) and authorized is None:
+            raise ValueError("the transntl simulation needs the authorized images")
+        #: authorized images (the ``transntl`` simulation repairs on them)
+        self.auth = (BatchStream(authorized, torch.zeros(len(authorized), dtype=torch.long), batch_size=attacker.batch_size,
+                                 generator=g) if authorized is not None else None)
+
+    def kind(self) -> str:
+        """The attacker of the next simulation (drawn only when there is a choice, so a single kind
+        leaves the random stream as it was)."""
+        kinds = [(k, w) for k, w in self.att.kinds if w > 0]
+        if len(kinds) == 1:
+            return kinds[0][0]
+        w = torch.tensor([w for _, w in kinds], dtype=torch.float)
+        return kinds[int(torch.multinomial(w, 1, generator=self.g))][0]
 
     def draw(self) -> tuple[BatchStream, tuple[torch.Tensor, torch.Tensor]]:
         """(the inner loop's batch source, the outer batch)"""
@@ -80,33 +121,50 @@ class SimPool:
 
 
 def finetuned_restricted_grads(model: nn.Module, pool: SimPool, device, g: torch.Generator) -> list[torch.Tensor | None]:
-    """Fine-tune a copy of ``model`` as ``pool.att`` says, then return the gradient of its restricted
-    loss (KL from uniform) on images it was not fine-tuned on, per parameter of ``model`` (None for a
-    re-initialised final layer and for parameters the loss does not reach; all None when the
-    fine-tuning diverged). ``model`` is unchanged."""
-    from ipshield.models.classifiers import random_shift
+    """Fine-tune a copy of ``model`` as one of ``pool.att``'s attackers would, then return the
+    gradient of its restricted loss (KL from uniform) on images it was not fine-tuned on, per
+    parameter of ``model`` (None for a re-initialised final layer and for parameters the loss does not
+    reach; all None when the fine-tuning diverged). ``model`` is unchanged."""
+    from ipshield.models.classifiers import random_domain_shift, random_shift
 
     att = pool.att
+    kind = pool.kind()
     sim = copy.deepcopy(model)
     head_ids: set[int] = set()
-    if bool(torch.rand((), generator=g) < att.init_fc_prob):
+    frozen: set[int] = set()
+    if kind == "finetune" and bool(torch.rand((), generator=g) < att.init_fc_prob):
         head = final_linear(sim)
         head.reset_parameters()
         head_ids = {id(p) for p in head.parameters()}
+    elif kind == "shot":
+        frozen = {id(p) for p in final_linear(sim).parameters()}  # SHOT keeps the source hypothesis
+    teacher = None
+    if kind == "transntl":
+        teacher = copy.deepcopy(model).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
     params = list(sim.parameters())
     for p in params:
         p.requires_grad_(True)
+    trained = [p for p in params if id(p) not in frozen]
     if att.optimizer == "adam":
-        opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=att.lr)
+        opt: torch.optim.Optimizer = torch.optim.Adam(trained, lr=att.lr)
     else:
-        opt = torch.optim.SGD(params, lr=att.lr, momentum=0.9)
-    inner, (ox, oy) = pool.draw()
+        opt = torch.optim.SGD(trained, lr=att.lr, momentum=0.9)
+    if kind == "finetune":
+        inner, (ox, oy) = pool.draw()
+    else:
+        inner, (ox, oy) = pool.stream, pool.stream.next()
     set_bn_mode(sim, att.bn)
     for _ in range(att.steps):
-        x, y = inner.next()
-        if att.augment:
-            x = random_shift(x, 2, g)
-        loss = F.cross_entropy(sim(x.to(device)), y.to(device))
+        if kind == "transntl":
+            loss = _repair_loss(sim, teacher, pool.auth.next()[0].to(device), att, g, random_domain_shift)
+        else:
+            x, y = inner.next()
+            if att.augment:
+                x = random_shift(x, 2, g)
+            logits = sim(x.to(device))
+            loss = F.cross_entropy(logits, y.to(device)) if kind == "finetune" else information_max(logits)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -116,3 +174,26 @@ def finetuned_restricted_grads(model: nn.Module, pool: SimPool, device, g: torch
     if not all(gr is None or bool(torch.isfinite(gr).all()) for gr in grads):
         return [None] * len(params)  # the simulated fine-tuning diverged: it says nothing about the weights
     return [None if id(p) in head_ids else gr for p, gr in zip(params, grads)]
+
+
+def information_max(logits: torch.Tensor) -> torch.Tensor:
+    """SHOT's information maximisation: mean entropy of the predictions minus the entropy of their
+    mean (confident, and spread over the classes)."""
+    p = F.softmax(logits, -1)
+    ent = -(p * torch.log(p + 1e-6)).sum(1).mean()
+    pm = p.mean(0)
+    return ent + (pm * torch.log(pm + 1e-6)).sum()
+
+
+def _repair_loss(sim: nn.Module, teacher: nn.Module, clean: torch.Tensor, att: SimulatedAttacker, g: torch.Generator,
+                 shift) -> torch.Tensor:
+    """TransNTL-style self-distillation: the copy on shifted (and clean) authorized images against the
+    frozen teacher's clean predictions, at temperature ``att.temperature``."""
+    t = att.temperature
+    shifted = shift(clean.cpu(), att.shift_strength, g).to(clean.device)
+    with torch.no_grad():
+        target = F.softmax(teacher(clean) / t, -1)
+    logits = sim(torch.cat([shifted, clean])) / t
+    kl = F.kl_div(F.log_softmax(logits, -1), torch.cat([target, target]), reduction="none").sum(1) * t * t
+    n = len(clean)
+    return kl[:n].mean() + att.clean_weight * kl[n:].mean()

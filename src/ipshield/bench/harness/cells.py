@@ -226,9 +226,15 @@ def cell_key(method: str, authorized: str, unauthorized: str, seed: int) -> str:
 
 
 def cell_hash(suite: SuiteConfig, entry: MethodEntry) -> str:
-    """What a cell's result depends on besides its pair and seed."""
+    """What a cell's result depends on besides its pair and seed: the suite's say, and the library's
+    defaults of the method's config (a changed default makes the cell stale, as a changed option
+    does)."""
+    from ipshield.registry import METHODS
+
     runner = entry.runner_name
     parts: dict[str, Any] = {"runner": runner, "config": entry.config, "source": suite.source, "data": suite.data}
+    if runner in METHODS:
+        parts["defaults"] = METHODS.get(runner).make_config({}).to_dict()
     found = runner_for(runner)
     if found is not None and found[1]:
         parts.update(model=suite.model, preset=suite.clip_preset, domains=suite.domain_list())
